@@ -1,0 +1,1 @@
+"""Load, template and tokenise training data (labels masked to the response)."""

@@ -1,0 +1,122 @@
+"""The tokenised dataset every scorer and trainer consumes, and its batching."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ..io import fingerprint
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class TokenizedData:
+    """Prompt + response token ids per sample; ``labels`` is ``-100`` on the prompt.
+
+    ``token_masks`` (optional) holds, per sample, a 0/1 mask over positions: positions with 0 get
+    label ``-100`` when batched (token-level selection).
+    """
+
+    input_ids: list[list[int]]
+    labels: list[list[int]]
+    pad_token_id: int
+    token_masks: list[list[int]] | None = None
+    _fp: str | None = field(default=None, repr=False, compare=False)
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.array([len(x) for x in self.input_ids], dtype=np.int64)
+
+    @property
+    def n_response_tokens(self) -> np.ndarray:
+        return np.array(
+            [sum(1 for t in lab if t != IGNORE_INDEX) for lab in self.labels], dtype=np.int64
+        )
+
+    def fingerprint(self) -> str:
+        """A digest of the token ids and labels (cache key part)."""
+        if self._fp is None:
+            flat_ids = np.concatenate([np.asarray(x, dtype=np.int64) for x in self.input_ids])
+            flat_lab = np.concatenate([np.asarray(x, dtype=np.int64) for x in self.labels])
+            self._fp = fingerprint(self.lengths, flat_ids, flat_lab)
+        return self._fp
+
+    def subset(self, indices: Sequence[int] | np.ndarray) -> TokenizedData:
+        idx = [int(i) for i in indices]
+        masks = None if self.token_masks is None else [self.token_masks[i] for i in idx]
+        return TokenizedData(
+            input_ids=[self.input_ids[i] for i in idx],
+            labels=[self.labels[i] for i in idx],
+            pad_token_id=self.pad_token_id,
+            token_masks=masks,
+        )
+
+
+def length_grouped_batches(
+    lengths: Sequence[int] | np.ndarray,
+    max_batch_tokens: int,
+    max_batch_size: int | None = None,
+    indices: Sequence[int] | np.ndarray | None = None,
+) -> list[np.ndarray]:
+    """Group samples of similar length so a padded batch wastes little compute.
+
+    Samples are sorted by length (stable, so ties keep input order) and cut into batches whose
+    padded size ``len(batch) * max_len`` stays within ``max_batch_tokens`` (a single longer sample
+    still gets a batch of its own). Returns arrays of sample indices.
+    """
+    lengths = np.asarray(lengths, dtype=np.int64)
+    idx = np.arange(len(lengths)) if indices is None else np.asarray(indices, dtype=np.int64)
+    order = idx[np.argsort(lengths[idx], kind="stable")]
+    batches: list[np.ndarray] = []
+    current: list[int] = []
+    longest = 0
+    for i in order:
+        n = int(lengths[i])
+        new_longest = max(longest, n)
+        too_many = max_batch_size is not None and len(current) >= max_batch_size
+        if current and (new_longest * (len(current) + 1) > max_batch_tokens or too_many):
+            batches.append(np.array(current, dtype=np.int64))
+            current, new_longest = [], n
+        current.append(int(i))
+        longest = new_longest
+    if current:
+        batches.append(np.array(current, dtype=np.int64))
+    return batches
+
+
+def collate(
+    data: TokenizedData,
+    indices: Sequence[int] | np.ndarray,
+    padding_side: str = "right",
+) -> dict[str, torch.Tensor]:
+    """Pad the samples at ``indices`` into ``input_ids``, ``attention_mask`` and ``labels``.
+
+    Padding is marked by the attention mask and ``-100`` labels, never by comparing with the pad
+    id: SmolLM2 pads with its EOS id, and EOS is a real label we train on. A token mask, if
+    present, turns masked positions into ``-100`` labels.
+    """
+    idx = [int(i) for i in indices]
+    longest = max(len(data.input_ids[i]) for i in idx)
+    ids = torch.full((len(idx), longest), data.pad_token_id, dtype=torch.long)
+    att = torch.zeros((len(idx), longest), dtype=torch.long)
+    lab = torch.full((len(idx), longest), IGNORE_INDEX, dtype=torch.long)
+    for row, i in enumerate(idx):
+        seq = data.input_ids[i]
+        labels = list(data.labels[i])
+        if data.token_masks is not None:
+            labels = [
+                t if m else IGNORE_INDEX for t, m in zip(labels, data.token_masks[i], strict=True)
+            ]
+        n = len(seq)
+        sl = slice(0, n) if padding_side == "right" else slice(longest - n, longest)
+        ids[row, sl] = torch.tensor(seq, dtype=torch.long)
+        att[row, sl] = 1
+        lab[row, sl] = torch.tensor(labels, dtype=torch.long)
+    return {"input_ids": ids, "attention_mask": att, "labels": lab}
