@@ -182,18 +182,29 @@ def get_method(name: str) -> SelectionMethod:
 
 
 class StageTimer:
-    """Collects wall time per named stage (a stage run twice adds up)."""
+    """Wall time per named stage, *exclusive* of the stages nested in it.
+
+    Methods time their own work (``with provider.stage("graph")``) while the provider times the
+    model work it does for them inside; exclusive times add up to the total without counting
+    anything twice. A stage entered twice adds up.
+    """
 
     def __init__(self) -> None:
         self.timings: dict[str, float] = {}
+        self._inner: list[float] = []
 
     @contextlib.contextmanager
     def stage(self, name: str) -> Iterator[None]:
         start = time.perf_counter()
+        self._inner.append(0.0)
         try:
             yield
         finally:
-            self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - start
+            elapsed = time.perf_counter() - start
+            inner = self._inner.pop()
+            self.timings[name] = self.timings.get(name, 0.0) + elapsed - inner
+            if self._inner:
+                self._inner[-1] += elapsed
 
 
 def rng_for(seed: int, *salt: int) -> np.random.Generator:
