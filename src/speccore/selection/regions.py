@@ -11,6 +11,8 @@ def equal_width_regions(scores: np.ndarray, k: int) -> np.ndarray:
     Bin i covers [min + i·w, min + (i+1)·w) with w = (max − min)/k; the last bin also holds max.
     All scores equal → every sample in region 0. Empty bins are simply ids no sample carries.
     """
+    if k < 1:
+        raise ValueError(f"number of regions must be >= 1, got {k}")
     scores = np.asarray(scores, dtype=np.float64)
     if len(scores) == 0:
         return np.zeros(0, dtype=np.int64)

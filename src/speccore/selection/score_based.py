@@ -5,8 +5,8 @@ STAFF avoids); the coreset is the m = ⌊N·(1−p)⌋ samples with the highest 
 
 * GraNd (Paul et al., "Deep Learning on a Data Diet", NeurIPS 2021): the gradient norm of the
   loss, here ‖∇_φ L(θ_t(d))‖₂ over the LoRA parameters φ, i.e. the "effort" score.
-* EL2N (same paper): the L2 norm of the error vector, ‖softmax(f(x)) − onehot(y)‖₂, averaged
-  over the response tokens.
+* EL2N (same paper): the L2 norm of the error vector, ‖softmax(f(x)) − onehot(y)‖₂ (for an LLM
+  per response token, aggregated over the response by :mod:`speccore.scoring`).
 
 Ties are broken by the lower sample index, so the selection is a pure function of the scores.
 """
