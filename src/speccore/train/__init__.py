@@ -1,0 +1,7 @@
+"""LoRA fine-tuning."""
+
+from __future__ import annotations
+
+from .lora import finetune, lr_factor, plan_steps, warmup_steps
+
+__all__ = ["finetune", "lr_factor", "plan_steps", "warmup_steps"]
