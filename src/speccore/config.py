@@ -72,7 +72,14 @@ class SelectConfig:
     target_epochs: float = field(
         default=3.0, metadata={"help": "target fine-tune epochs (GraNd, EL2N, CCS, D2)"}
     )
-    seed: int = field(default=0, metadata={"help": "seed of every random choice"})
+    seed: int = field(default=0, metadata={"help": "seed of the selection's random draws"})
+    tune_seed: int = field(
+        default=0,
+        metadata={
+            "help": "seed of LoRA init and fine-tune shuffles (apart from --seed, so that a "
+            "new selection seed reuses cached adapters and scores)"
+        },
+    )
     max_length: int = field(default=512, metadata={"help": "max tokens; truncates the prompt"})
     truncation_side: str = field(
         default="left", metadata={"help": "which end of the prompt to cut: left | right"}
@@ -137,7 +144,7 @@ class SelectConfig:
             batch_size=self.batch_size,
             grad_accum=self.grad_accum,
             warmup_ratio=self.warmup_ratio,
-            seed=self.seed,
+            seed=self.tune_seed,
         )
 
     def validate(self) -> None:
@@ -162,8 +169,8 @@ class SelectConfig:
             raise ConfigError(
                 f"--truncation-side must be left or right, got {self.truncation_side!r}"
             )
-        if self.max_length < 2:
-            raise ConfigError(f"--max-length must be >= 2, got {self.max_length}")
+        if self.max_length < 3:
+            raise ConfigError(f"--max-length must be >= 3, got {self.max_length}")
         if self.small_epochs < 0 or self.target_epochs < 0:
             raise ConfigError("--small-epochs and --target-epochs must be >= 0")
         if self.engine not in ("local", "ray"):

@@ -1,0 +1,25 @@
+"""Sample embeddings: the mean last-layer hidden state over a sample's response tokens."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..data.tokenized import IGNORE_INDEX
+from .losses import as_output, eval_mode, forward
+
+
+def embedding_batch(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+    """Mean of the last hidden states over response positions, L2-normalised, ``[B, H]`` float32.
+
+    Response positions are those whose label is not ``-100`` (no shift: the hidden state *at* a
+    response token). A sample without response tokens gets a zero row. On the CPU.
+    """
+    with torch.inference_mode(), eval_mode(model):
+        hidden = forward(model, batch, output_hidden_states=True).hidden_states[-1].float()
+        mask = (batch["labels"] != IGNORE_INDEX).to(hidden.device, hidden.dtype)
+        summed = torch.einsum("bth,bt->bh", hidden, mask)
+        mean = summed / mask.sum(-1, keepdim=True).clamp(min=1)
+        emb = F.normalize(mean, dim=-1)
+    return as_output(emb, torch.float32)

@@ -1,0 +1,257 @@
+"""Score or embed a whole dataset in length-grouped batches, with checkpoint and resume.
+
+The batch plan (which samples go together) is computed up front from the sample lengths and is
+deterministic, so a resumed run scores the missing batches with exactly the same composition as
+an uninterrupted run, and gets bit-identical scores.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from ..data.tokenized import IGNORE_INDEX, TokenizedData, collate, length_grouped_batches
+from ..errors import ConfigError, ScoringError
+from ..io import fingerprint, load_npz, save_npz
+from .effort import effort_batch
+from .embeddings import embedding_batch
+from .losses import el2n_batch, eval_mode, loss_batch, model_device
+
+logger = logging.getLogger(__name__)
+
+ScoreFunction = Callable[[nn.Module, dict[str, Tensor]], Tensor]
+
+SCORE_FUNCTIONS: dict[str, ScoreFunction] = {
+    "effort": effort_batch,
+    "loss": loss_batch,
+    "el2n": el2n_batch,
+}
+
+
+def score_samples(
+    model: nn.Module,
+    data: TokenizedData,
+    score: str,
+    *,
+    indices: np.ndarray | None = None,
+    max_batch_tokens: int = 4096,
+    max_batch_size: int | None = None,
+    checkpoint: Path | None = None,
+    checkpoint_every: int = 256,
+    device: torch.device | str | None = None,
+    desc: str = "scoring",
+) -> np.ndarray:
+    """Score every sample (or those at ``indices``) with ``score`` (a :data:`SCORE_FUNCTIONS` key).
+
+    Returns float64 scores aligned with ``indices`` (or with ``data``). Batches go to ``device``
+    (default: the model's device; the model itself is not moved) and the model runs in eval
+    mode, its modes restored afterwards. A non-finite score raises :class:`ScoringError` naming
+    the sample.
+
+    With ``checkpoint``, finished batches are saved there (atomically) about every
+    ``checkpoint_every`` samples, at the end and when the run is interrupted; a later call with
+    the same request (score, indices, data and batching) scores only the missing batches. The
+    checkpoint does not identify the model: use one path per model. It is never deleted here.
+    """
+    fn = _score_function(score)
+    idx = _check_args(data, indices, max_batch_tokens, max_batch_size)
+    if checkpoint_every < 1:
+        raise ConfigError(f"checkpoint_every must be at least 1, got {checkpoint_every}")
+    plan = _plan(data, idx, max_batch_tokens, max_batch_size)
+    state = _Progress(len(idx), checkpoint, checkpoint_every)
+    if checkpoint is not None:
+        state.key = fingerprint(
+            "score-checkpoint", score, idx, max_batch_tokens, max_batch_size, data.fingerprint()
+        )
+        state.load(plan)
+    initial = sum(len(plan[b]) for b in state.done)
+    logger.debug("%s: %d samples in %d batches (%d done)", score, len(idx), len(plan), initial)
+    try:
+        with eval_mode(model), _progress_bar(len(idx), initial, desc) as bar:
+            for b, pos, batch in _batches(model, data, idx, plan, device, skip=state.done):
+                values = fn(model, batch).detach().double().cpu().numpy()
+                _check_finite(values, idx[pos], batch, score)
+                state.record(b, pos, values)
+                bar.update(len(pos))
+    except BaseException:
+        state.save(quiet=True)  # keep what is done, then let the error through
+        raise
+    state.save()
+    return state.scores
+
+
+def embed_samples(
+    model: nn.Module,
+    data: TokenizedData,
+    *,
+    indices: np.ndarray | None = None,
+    max_batch_tokens: int = 4096,
+    max_batch_size: int | None = None,
+    device: torch.device | str | None = None,
+    desc: str = "embedding",
+) -> np.ndarray:
+    """Response-token mean embeddings (see :func:`embedding_batch`), ``[n, H]`` float32.
+
+    Rows are aligned with ``indices`` (or with ``data``); batching as in :func:`score_samples`.
+    """
+    idx = _check_args(data, indices, max_batch_tokens, max_batch_size)
+    plan = _plan(data, idx, max_batch_tokens, max_batch_size)
+    hidden = int(getattr(getattr(model, "config", None), "hidden_size", 0) or 0)
+    out: np.ndarray | None = None
+    with eval_mode(model), _progress_bar(len(idx), 0, desc) as bar:
+        for _, pos, batch in _batches(model, data, idx, plan, device, skip=set()):
+            values = embedding_batch(model, batch).float().numpy()
+            bad = ~np.isfinite(values).all(axis=1)
+            if bad.any():
+                raise ScoringError(
+                    f"sample {idx[pos][bad.argmax()]}: embedding is not finite; "
+                    "check the model weights"
+                )
+            if out is None:
+                out = np.zeros((len(idx), values.shape[1]), dtype=np.float32)
+            out[pos] = values
+            bar.update(len(pos))
+    return out if out is not None else np.zeros((0, hidden), dtype=np.float32)
+
+
+def _score_function(score: str) -> ScoreFunction:
+    try:
+        return SCORE_FUNCTIONS[score]
+    except KeyError:
+        raise ConfigError(
+            f"unknown score {score!r}; valid scores: {', '.join(sorted(SCORE_FUNCTIONS))}"
+        ) from None
+
+
+def _check_args(
+    data: TokenizedData,
+    indices: np.ndarray | None,
+    max_batch_tokens: int,
+    max_batch_size: int | None,
+) -> np.ndarray:
+    """The sample indices to process, as int64; bad arguments raise :class:`ConfigError`."""
+    if max_batch_tokens < 1:
+        raise ConfigError(f"max_batch_tokens must be at least 1, got {max_batch_tokens}")
+    if max_batch_size is not None and max_batch_size < 1:
+        raise ConfigError(f"max_batch_size must be at least 1 or None, got {max_batch_size}")
+    if indices is None:
+        return np.arange(len(data), dtype=np.int64)
+    idx = np.asarray(indices)
+    if idx.ndim != 1 or (idx.size and not np.issubdtype(idx.dtype, np.integer)):
+        raise ConfigError("indices must be a 1-D array of integer sample indices")
+    idx = idx.astype(np.int64)
+    if idx.size and (idx.min() < 0 or idx.max() >= len(data)):
+        bad = idx[(idx < 0) | (idx >= len(data))][0]
+        raise ConfigError(f"indices holds {bad}, outside the data's 0..{len(data) - 1}")
+    return idx
+
+
+def _plan(
+    data: TokenizedData, idx: np.ndarray, max_batch_tokens: int, max_batch_size: int | None
+) -> list[np.ndarray]:
+    """Batches of *positions* into ``idx`` (so repeated indices simply get scored twice)."""
+    if idx.size == 0:
+        return []
+    return length_grouped_batches(data.lengths[idx], max_batch_tokens, max_batch_size)
+
+
+def _progress_bar(total: int, initial: int, desc: str) -> tqdm:
+    return tqdm(total=total, initial=initial, unit="sample", desc=desc, dynamic_ncols=True)
+
+
+def _batches(
+    model: nn.Module,
+    data: TokenizedData,
+    idx: np.ndarray,
+    plan: list[np.ndarray],
+    device: torch.device | str | None,
+    skip: set[int],
+) -> Iterator[tuple[int, np.ndarray, dict[str, Tensor]]]:
+    """Yield ``(batch number, positions, batch on device)`` for the batches not in ``skip``."""
+    dev = model_device(model) if device is None else torch.device(device)
+    for b, pos in enumerate(plan):
+        if b not in skip:
+            batch = collate(data, idx[pos])
+            yield b, pos, {k: v.to(dev) for k, v in batch.items()}
+
+
+def _check_finite(
+    values: np.ndarray, samples: np.ndarray, batch: dict[str, Tensor], score: str
+) -> None:
+    bad = np.flatnonzero(~np.isfinite(values))
+    if bad.size == 0:
+        return
+    row = int(bad[0])
+    sample = int(samples[row])
+    if not bool((batch["labels"][row, 1:] != IGNORE_INDEX).any()):
+        raise ScoringError(
+            f"sample {sample}: no response tokens to score (every label after the first "
+            "position is -100); fix its labels or drop the row"
+        )
+    raise ScoringError(
+        f"sample {sample}: {score} is {values[row]}; check the data row or lower the learning rate"
+    )
+
+
+class _Progress:
+    """Scores done so far, and their checkpoint file (whole batches only)."""
+
+    def __init__(self, n: int, path: Path | None, every: int) -> None:
+        self.scores = np.full(n, np.nan, dtype=np.float64)
+        self.done: set[int] = set()
+        self.path = None if path is None else Path(path)
+        self.every = every
+        self.key = ""
+        self.unsaved = 0
+
+    def record(self, batch: int, positions: np.ndarray, values: np.ndarray) -> None:
+        self.scores[positions] = values
+        self.done.add(batch)
+        self.unsaved += len(positions)
+        if self.unsaved >= self.every:
+            self.save()
+
+    def save(self, quiet: bool = False) -> None:
+        """Write the done batches atomically (nothing to do without a path or new work)."""
+        if self.path is None or self.unsaved == 0:
+            return
+        batches = np.array(sorted(self.done), dtype=np.int64)
+        try:
+            save_npz(self.path, key=np.array(self.key), batches=batches, scores=self.scores)
+        except OSError as e:
+            if not quiet:
+                raise
+            logger.warning("could not save the scoring checkpoint %s: %s", self.path, e)
+            return
+        self.unsaved = 0
+        logger.debug("checkpoint %s: %d batches done", self.path, len(batches))
+
+    def load(self, plan: list[np.ndarray]) -> None:
+        """Take over the done batches of a checkpoint made for this very request."""
+        if self.path is None or not self.path.exists():
+            return
+        try:
+            saved = load_npz(self.path)
+            key, batches, scores = str(saved["key"]), saved["batches"], saved["scores"]
+        except (OSError, ValueError, KeyError) as e:
+            logger.warning("ignoring unreadable scoring checkpoint %s: %s", self.path, e)
+            return
+        if key != self.key or scores.shape != self.scores.shape:
+            logger.info(
+                "ignoring scoring checkpoint %s: it was made for another request", self.path
+            )
+            return
+        if batches.size and (batches.min() < 0 or batches.max() >= len(plan)):
+            logger.warning("ignoring scoring checkpoint %s: batch numbers out of range", self.path)
+            return
+        self.done = {int(b) for b in batches}
+        for b in self.done:
+            self.scores[plan[b]] = scores[plan[b]]
+        n_done = sum(len(plan[b]) for b in self.done)
+        logger.info("resuming from %s: %d of %d samples done", self.path, n_done, len(self.scores))

@@ -1,0 +1,55 @@
+"""Shared fixtures: tiny model folders (random weights, offline tokenizers) and small data."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from speccore.models.tiny import tiny_model_folder
+
+WORDS = (  # noqa: SIM905
+    "the report describes sales costs and the plan for next year while the team "
+    "travels to Berlin and Hamburg to meet the customers about the new contract"
+).split()
+
+
+def make_rows(n: int, seed: int = 0) -> list[dict[str, str]]:
+    """``n`` rows with varied prompt and response lengths and a topic."""
+    import random
+
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        prompt = " ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 14)))
+        answer = " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 8)))
+        rows.append({"dialogue": f"#{i} {prompt}", "summary": answer, "topic": f"t{i % 3}"})
+    return rows
+
+
+@pytest.fixture(scope="session")
+def model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("models")
+    return {
+        "small": tiny_model_folder(root / "small", "llama", seed=1),
+        # Same tokenizer as "small" (one family), other weights and architecture size.
+        "target": tiny_model_folder(root / "target", "llama", hidden_size=48, seed=2),
+        # Another tokenizer: another family.
+        "other": tiny_model_folder(root / "other", "gemma3", vocab_size=300, seed=3),
+    }
+
+
+@pytest.fixture
+def jsonl_data(tmp_path: Path) -> Path:
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in make_rows(24)), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(autouse=True)
+def isolated_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Every test gets its own speccore cache, except the real-model conversions (see below)."""
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("SPECCORE_CACHE", str(cache))
+    return cache

@@ -1,0 +1,168 @@
+"""Losses, EL2N and embeddings against direct NumPy loops over a tiny model's outputs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from peft import LoraConfig, get_peft_model
+from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from speccore.data.tokenized import TokenizedData, collate
+from speccore.scoring.embeddings import embedding_batch
+from speccore.scoring.losses import (
+    el2n_batch,
+    eval_mode,
+    forward,
+    loss_batch,
+    position_ids,
+    sample_losses,
+    token_losses,
+)
+
+VOCAB = 53
+LENGTHS = [5, 12, 8, 3, 10]
+
+
+def tiny_model(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    base = LlamaForCausalLM(config)
+    return get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+
+
+def make_data(seed: int = 0) -> TokenizedData:
+    rng = np.random.default_rng(seed)
+    ids = [rng.integers(1, VOCAB, n).tolist() for n in LENGTHS]
+    # Prompts of varying length; the 2-token sample keeps a single counted label.
+    labels = [[-100] * (n // 3 + 1) + x[n // 3 + 1 :] for n, x in zip(LENGTHS, ids, strict=True)]
+    return TokenizedData(input_ids=ids, labels=labels, pad_token_id=0)
+
+
+def logits_of(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    with torch.no_grad(), eval_mode(model):
+        return forward(model, batch).logits
+
+
+def softmax(z: np.ndarray) -> np.ndarray:
+    e = np.exp(z - z.max())
+    return e / e.sum()
+
+
+def numpy_scores(logits: np.ndarray, labels: np.ndarray) -> tuple[list[float], list[float]]:
+    """Mean CE and EL2N per sample, by explicit loops over the shifted positions."""
+    losses, el2n = [], []
+    for b in range(labels.shape[0]):
+        ce_sum, err_sum, count = 0.0, 0.0, 0
+        for t in range(1, labels.shape[1]):
+            y = labels[b, t]
+            if y == -100:
+                continue
+            z = logits[b, t - 1].astype(np.float64)  # position t-1 predicts token t
+            p = softmax(z)
+            ce_sum += -np.log(p[y])
+            onehot = np.zeros_like(p)
+            onehot[y] = 1.0
+            err_sum += float(np.sqrt(((p - onehot) ** 2).sum()))
+            count += 1
+        losses.append(ce_sum / count)
+        el2n.append(err_sum / count)
+    return losses, el2n
+
+
+def test_token_losses_shift_and_mask() -> None:
+    model = tiny_model()
+    batch = collate(make_data(), range(len(LENGTHS)))
+    logits = logits_of(model, batch)
+    ce, mask = token_losses(logits, batch["labels"])
+    assert ce.shape == mask.shape == (len(LENGTHS), batch["labels"].shape[1] - 1)
+    z, labels = logits.numpy(), batch["labels"].numpy()
+    for b in range(len(LENGTHS)):
+        for t in range(ce.shape[1]):
+            y = labels[b, t + 1]
+            assert bool(mask[b, t]) == (y != -100)
+            want = 0.0 if y == -100 else -np.log(softmax(z[b, t].astype(np.float64))[y])
+            assert float(ce[b, t]) == pytest.approx(want, rel=1e-5, abs=1e-6)
+
+
+def test_sample_losses_and_el2n_match_numpy_loops() -> None:
+    model = tiny_model()
+    batch = collate(make_data(), range(len(LENGTHS)))
+    logits = logits_of(model, batch)
+    want_loss, want_el2n = numpy_scores(logits.numpy(), batch["labels"].numpy())
+    np.testing.assert_allclose(sample_losses(logits, batch["labels"]).numpy(), want_loss, rtol=1e-5)
+    np.testing.assert_allclose(loss_batch(model, batch).numpy(), want_loss, rtol=1e-5)
+    np.testing.assert_allclose(el2n_batch(model, batch).numpy(), want_el2n, rtol=1e-5)
+    assert loss_batch(model, batch).dtype == torch.float64
+
+
+def test_sample_losses_equal_per_sample_cross_entropy() -> None:
+    """Each sample alone, no padding, plain F.cross_entropy on the shifted response tokens."""
+    model = tiny_model(seed=2)
+    data = make_data(seed=2)
+    batched = loss_batch(model, collate(data, range(len(LENGTHS))))
+    for i in range(len(LENGTHS)):
+        ids = torch.tensor([data.input_ids[i]])
+        labels = torch.tensor(data.labels[i])
+        with torch.no_grad(), eval_mode(model):
+            logits = model(input_ids=ids).logits[0]
+        want = F.cross_entropy(logits[:-1], labels[1:], ignore_index=-100)
+        assert float(batched[i]) == pytest.approx(float(want), rel=1e-5)
+
+
+@pytest.mark.parametrize("score", [loss_batch, el2n_batch])
+def test_left_and_right_padding_agree(score) -> None:
+    model = tiny_model(seed=1)
+    data = make_data(seed=1)
+    right = score(model, collate(data, range(len(LENGTHS)), "right"))
+    left = score(model, collate(data, range(len(LENGTHS)), "left"))
+    torch.testing.assert_close(left, right, rtol=1e-5, atol=1e-6)
+
+
+def test_position_ids_count_real_tokens() -> None:
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 0, 0]])
+    assert position_ids(mask).tolist() == [[0, 0, 0, 1, 2], [0, 1, 2, 2, 2]]
+
+
+def test_a_sample_without_response_tokens_is_nan() -> None:
+    model = tiny_model()
+    data = make_data()
+    data.labels[1] = [-100] * len(data.labels[1])
+    batch = collate(data, range(len(LENGTHS)))
+    for score in (loss_batch(model, batch), el2n_batch(model, batch)):
+        assert score.isnan().tolist() == [False, True, False, False, False]
+
+
+def test_embeddings_match_a_manual_mean() -> None:
+    model = tiny_model(seed=4)
+    batch = collate(make_data(seed=4), range(len(LENGTHS)))
+    emb = embedding_batch(model, batch)
+    with torch.no_grad(), eval_mode(model):
+        hidden = forward(model, batch, output_hidden_states=True).hidden_states[-1].numpy()
+    labels = batch["labels"].numpy()
+    assert emb.shape == (len(LENGTHS), 32)
+    for b in range(len(LENGTHS)):
+        rows = [hidden[b, t] for t in range(labels.shape[1]) if labels[b, t] != -100]
+        mean = np.mean(rows, axis=0)
+        np.testing.assert_allclose(
+            emb[b].numpy(), mean / np.linalg.norm(mean), rtol=1e-5, atol=1e-6
+        )
+    np.testing.assert_allclose(np.linalg.norm(emb.numpy(), axis=1), 1.0, rtol=1e-6)
+
+
+def test_scorers_restore_the_models_mode() -> None:
+    model = tiny_model()
+    model.train()
+    batch = collate(make_data(), range(len(LENGTHS)))
+    for fn in (loss_batch, el2n_batch, embedding_batch):
+        fn(model, batch)
+        assert all(m.training for m in model.modules())
