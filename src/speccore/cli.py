@@ -59,6 +59,16 @@ def build_parser() -> argparse.ArgumentParser:
     sel = sub.add_parser("select", help="select a coreset (STAFF by default)")
     add_dataclass_arguments(sel, SelectConfig)
     sub.add_parser("methods", help="list the selection methods")
+    bench = sub.add_parser(
+        "bench", help="fine-tune the target on each coreset, evaluate, write tables and plots"
+    )
+    bench.add_argument("config", help="bench YAML file (see bench/*.yaml)")
+    bench.add_argument("--out", default=None, help="bench folder (default: the config's out)")
+    bench.add_argument(
+        "--report-only",
+        action="store_true",
+        help="only rewrite results.csv, table.md and plots from the finished cells",
+    )
     return parser
 
 
@@ -90,7 +100,22 @@ def run_methods(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"select": run_select, "methods": run_methods}
+def run_bench_command(args: argparse.Namespace) -> int:
+    from .bench import load_bench_config, report_only, run_bench
+
+    cfg = load_bench_config(args.config, out=args.out)
+    if args.report_only:
+        written = report_only(cfg)
+    else:
+        result = run_bench(cfg)
+        print(f"{len(result.ran)} cells run, {len(result.skipped)} already finished")
+        written = result.outputs
+    for path in written:
+        print(f"wrote {path}")
+    return 0
+
+
+COMMANDS = {"select": run_select, "methods": run_methods, "bench": run_bench_command}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

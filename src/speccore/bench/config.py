@@ -1,0 +1,349 @@
+"""The bench configuration: a YAML file mapped onto dataclasses, with one-line errors.
+
+Selection settings are not duplicated here: the ``select:`` mapping holds
+:class:`~speccore.config.SelectConfig` fields (``regions``, ``verify_per_region``,
+``small_epochs``, ``score``, ...). The bench itself sets the fields that are the same for
+every cell (data, formatting, models, cache) or vary per cell (method, prune rate, seed).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..config import LoraSettings, SelectConfig, TrainSettings
+from ..errors import ConfigError
+from .metrics import MetricSettings
+
+DEFAULT_PRUNE_RATES = [0.2, 0.5, 0.7, 0.8, 0.9]
+DEFAULT_SEEDS = [0, 1, 2]
+ROW_SAMPLING = ("first", "random")
+
+# SelectConfig fields the bench fills in itself: from ``data:``/``models:`` or per cell.
+BENCH_SET_SELECT_FIELDS = {
+    "data": "data.train",
+    "input_field": "data.input_field",
+    "output_field": "data.output_field",
+    "template": "data.template",
+    "chat_template": "data.chat_template",
+    "messages_field": "data.messages_field",
+    "group_field": "data.group_field",
+    "split": "data.split",
+    "max_length": "data.max_length",
+    "truncation_side": "data.truncation_side",
+    "small": "models.small",
+    "target": "models.target",
+    "dtype": "models.dtype",
+    "device": "models.device",
+    "method": "methods",
+    "prune_rate": "prune_rates",
+    "seed": "seeds",
+    "cache_dir": "share_cache (the bench keeps its cache in its folder)",
+    "out": "out",
+    "dry_run": "(not available in a bench)",
+}
+
+
+@dataclass
+class DataSettings:
+    """Training and evaluation data, and how a row becomes a prompt and a response."""
+
+    train: str = ""
+    eval: str = ""
+    input_field: str | None = None
+    output_field: str | None = None
+    template: str | None = None
+    chat_template: bool = False
+    messages_field: str | None = None
+    group_field: str | None = None
+    # Fields of the evaluation rows holding reference answers (default: [output_field]).
+    references: list[str] | None = None
+    split: str = "train"
+    eval_split: str = "validation"
+    train_rows: int | None = None
+    eval_rows: int | None = None
+    # first: the first N rows; random: N rows drawn with data_seed (kept in file order).
+    row_sampling: str = "first"
+    data_seed: int = 0
+    max_length: int = 512
+    truncation_side: str = "left"
+
+    def reference_fields(self) -> list[str]:
+        if self.references:
+            return list(self.references)
+        if self.output_field:
+            return [self.output_field]
+        raise ConfigError(
+            "data.references is required when data.output_field is not set (e.g. [summary])"
+        )
+
+
+@dataclass
+class ModelSettings:
+    """The small model (selection only) and the target (selection, fine-tuning, evaluation)."""
+
+    target: str = ""
+    small: str | None = None
+    dtype: str = "auto"
+    device: str = "auto"
+
+
+@dataclass
+class GenerationSettings:
+    """Greedy decoding on the evaluation prompts."""
+
+    max_new_tokens: int = 128
+    batch_size: int = 8
+    # Prompt tokens kept (cut on data.truncation_side); default data.max_length − max_new_tokens.
+    max_prompt_tokens: int | None = None
+
+
+@dataclass
+class BenchConfig:
+    """Everything ``speccore bench CONFIG.yaml`` takes; see ``bench/*.yaml`` for examples."""
+
+    out: str = ""
+    data: DataSettings = field(default_factory=DataSettings)
+    models: ModelSettings = field(default_factory=ModelSettings)
+    methods: list[str] = field(default_factory=lambda: ["staff", "random"])
+    prune_rates: list[float] = field(default_factory=lambda: list(DEFAULT_PRUNE_RATES))
+    seeds: list[int] = field(default_factory=lambda: list(DEFAULT_SEEDS))
+    # Reference rows: fine-tuning on all training rows (per seed), and no fine-tuning (once).
+    full: bool = True
+    zero_shot: bool = True
+    # The target's LoRA fine-tune on each coreset; its ``seed`` is the cell's seed.
+    finetune: TrainSettings = field(default_factory=TrainSettings)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    max_batch_tokens: int = 4096
+    # SelectConfig fields for the selection (regions, verify_per_region, small_epochs, ...).
+    select: dict[str, Any] = field(default_factory=dict)
+    generation: GenerationSettings = field(default_factory=GenerationSettings)
+    metrics: MetricSettings = field(default_factory=MetricSettings)
+    # One score/adapter cache for every method (a stage computed once serves all methods, so
+    # the overhead table shows it only where it was first computed); false: one per method, so
+    # each method's overhead is its cold cost.
+    share_cache: bool = True
+
+    @property
+    def folder(self) -> Path:
+        return Path(self.out)
+
+    @property
+    def prompt_budget(self) -> int:
+        g = self.generation
+        if g.max_prompt_tokens is not None:
+            return g.max_prompt_tokens
+        return max(1, self.data.max_length - g.max_new_tokens)
+
+    def select_config(self, method: str, prune_rate: float, seed: int) -> SelectConfig:
+        """The SelectConfig of one cell (its cache folder inside the bench folder)."""
+        cache = self.folder / "cache"
+        if not self.share_cache:
+            cache = cache / method
+        d = self.data
+        settings = {
+            **self.select,
+            "data": self.train_path(),
+            "input_field": d.input_field,
+            "output_field": d.output_field,
+            "template": d.template,
+            "chat_template": d.chat_template,
+            "messages_field": d.messages_field,
+            "group_field": d.group_field,
+            "split": d.split,
+            "max_length": d.max_length,
+            "truncation_side": d.truncation_side,
+            "small": self.models.small,
+            "target": self.models.target,
+            "dtype": self.models.dtype,
+            "device": self.models.device,
+            "method": method,
+            "prune_rate": prune_rate,
+            "seed": seed,
+            "cache_dir": str(cache),
+        }
+        return SelectConfig.from_dict(settings)
+
+    def train_path(self) -> str:
+        """The data selections run on: a subset file in the bench folder, or the data itself."""
+        if self.data.train_rows is None:
+            return self.data.train
+        return str(self.folder / "data" / "train.jsonl")
+
+    def settings_dict(self) -> dict[str, Any]:
+        """What a finished cell's result depends on, beyond its (method, rate, seed).
+
+        Adding methods, rates or seeds, or switching the reference rows, keeps finished cells.
+        """
+        d = dataclasses.asdict(self)
+        for key in ("out", "methods", "prune_rates", "seeds", "full", "zero_shot"):
+            d.pop(key)
+        return d
+
+    def validate(self) -> None:
+        """Check ranges and names; raise :class:`ConfigError` naming the key and the fix."""
+        _validate_top(self)
+        _validate_data(self.data)
+        if not self.models.target:
+            raise ConfigError("models.target is required (alias, folder, .gguf or hub name)")
+        if "staff" in self.methods and not self.models.small and "scores" not in self.select:
+            raise ConfigError("models.small is required for method staff (e.g. smollm2-135m)")
+        g = self.generation
+        if g.max_new_tokens < 1 or g.batch_size < 1:
+            raise ConfigError("generation.max_new_tokens and generation.batch_size must be >= 1")
+        if self.finetune.seed != TrainSettings.seed:
+            raise ConfigError("finetune.seed is not used: each cell's seed comes from `seeds`")
+        self.metrics.validate()
+        self.select_config("random", 0.5, 0).validate()
+
+
+def _validate_top(cfg: BenchConfig) -> None:
+    if not cfg.out:
+        raise ConfigError("out is required: the bench folder for results, tables and plots")
+    from ..pipeline import import_methods
+    from ..selection import method_names
+
+    import_methods()
+    valid = method_names()
+    for m in cfg.methods:
+        if m not in valid:
+            raise ConfigError(f"methods: unknown method {m!r}; valid: {', '.join(valid)}")
+    if len(set(cfg.methods)) != len(cfg.methods):
+        raise ConfigError(f"methods lists a method twice: {cfg.methods}")
+    for p in cfg.prune_rates:
+        if not 0 < p < 1:
+            raise ConfigError(f"prune_rates must be in (0, 1) (p = 0 is the `full` row), got {p}")
+    if not cfg.seeds:
+        raise ConfigError("seeds must list at least one seed, e.g. [0, 1, 2]")
+    if len(set(cfg.seeds)) != len(cfg.seeds) or len(set(cfg.prune_rates)) != len(cfg.prune_rates):
+        raise ConfigError("seeds and prune_rates must not repeat a value")
+    if cfg.max_batch_tokens < 1:
+        raise ConfigError(f"max_batch_tokens must be >= 1, got {cfg.max_batch_tokens}")
+    for key, where in BENCH_SET_SELECT_FIELDS.items():
+        if key in cfg.select:
+            raise ConfigError(f"select.{key} is set by the bench from {where}; remove it")
+
+
+def _validate_data(d: DataSettings) -> None:
+    if not d.train:
+        raise ConfigError("data.train is required: the training data (file, folder or hub name)")
+    if not d.eval:
+        raise ConfigError("data.eval is required: held-out evaluation data with reference fields")
+    if d.row_sampling not in ROW_SAMPLING:
+        raise ConfigError(f"data.row_sampling must be first or random, got {d.row_sampling!r}")
+    for key in ("train_rows", "eval_rows"):
+        value = getattr(d, key)
+        if value is not None and value < 1:
+            raise ConfigError(f"data.{key} must be >= 1 (or left out for all rows), got {value}")
+    d.reference_fields()
+
+
+# ---------------------------------------------------------------------------------------------
+# YAML → dataclasses
+# ---------------------------------------------------------------------------------------------
+
+
+def load_bench_config(path: str | Path, **overrides: Any) -> BenchConfig:
+    """Read a bench YAML file; unknown keys and wrong types raise :class:`ConfigError`.
+
+    ``overrides`` replace top-level keys (e.g. ``out=...``).
+    """
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"bench config {path}: no such file")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise ConfigError(f"bench config {path}: not valid YAML ({_one_line(e)})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"bench config {path}: expected a mapping of settings at the top")
+    raw.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        cfg = bench_config_from_dict(raw)
+    except ConfigError as e:
+        raise ConfigError(f"bench config {path}: {e}") from None
+    return cfg
+
+
+def bench_config_from_dict(raw: dict[str, Any]) -> BenchConfig:
+    """Build and validate a :class:`BenchConfig` from a plain mapping (parsed YAML)."""
+    cfg = _build(BenchConfig, raw, "")
+    assert isinstance(cfg, BenchConfig)
+    cfg.validate()
+    return cfg
+
+
+def _build(cls: type, raw: Any, where: str) -> Any:
+    """Instantiate dataclass ``cls`` from mapping ``raw``, checking keys and value types."""
+    label = where.rstrip(".") or "the top level"
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{label} must be a mapping, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(raw) - set(names))
+    if unknown:
+        raise ConfigError(
+            f"unknown key {where}{unknown[0]}; valid keys in {label}: {', '.join(names)}"
+        )
+    values = {}
+    for name, value in raw.items():
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            values[name] = _build(tp, value, f"{where}{name}.")  # type: ignore[arg-type]
+        else:
+            values[name] = _coerce(value, tp, f"{where}{name}")
+    return cls(**values)
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """``value`` checked against type hint ``tp`` (ints accepted for floats)."""
+    origin = typing.get_origin(tp)
+    if isinstance(tp, types.UnionType) or origin is typing.Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(value, args[0], key)
+    if origin is list:
+        if not isinstance(value, list):
+            value = [value]  # `seeds: 0` means [0]
+        (item,) = typing.get_args(tp)
+        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping, got {_kind(value)}")
+        return dict(value)
+    return _scalar(value, tp, key)
+
+
+def _scalar(value: Any, tp: Any, key: str) -> Any:
+    if tp is float and isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if tp is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if tp is bool and isinstance(value, bool):
+        return value
+    if tp is str and isinstance(value, str | int | float) and not isinstance(value, bool):
+        return str(value)  # YAML reads `language: no` as False but `split: 2023` as an int
+    if tp is Any:
+        return value
+    raise ConfigError(f"{key} must be {tp.__name__}, got {_kind(value)}")
+
+
+def _kind(value: Any) -> str:
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    return f"{type(value).__name__} {value!r}"
+
+
+def _one_line(error: Exception) -> str:
+    return " ".join(str(error).split())

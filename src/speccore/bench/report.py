@@ -1,0 +1,81 @@
+"""From finished cells to ``results.csv``, ``table.md`` and the plots."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from ..io import atomic_open
+from .tables import FULL, ZERO_SHOT, render_tables, stage_column, write_results_csv
+
+logger = logging.getLogger(__name__)
+
+
+def cell_row(record: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``results.csv`` row of one cell record."""
+    m = record["metrics"]
+    sel = record.get("selection") or {}
+    row: dict[str, Any] = {
+        "method": record["method"],
+        "prune_rate": record["prune_rate"],
+        "seed": record["seed"],
+        "coreset_size": record["coreset_size"],
+        "n_train": record["n_train"],
+        "n_eval": m.get("n_eval"),
+        **{
+            k: m.get(k)
+            for k in ("rougeL", "rougeL_lo", "rougeL_hi", "bleu4", "bleu4_lo", "bleu4_hi")
+        },
+        "select_s": sel.get("seconds"),
+        "train_s": record.get("train_seconds"),
+        "eval_s": record.get("eval_seconds"),
+        "agreement": sel.get("agreement"),
+        "rand_index": sel.get("rand_index"),
+    }
+    for stage, seconds in (sel.get("timings") or {}).items():
+        row[stage_column(stage)] = seconds
+    return row
+
+
+def collect_rows(
+    cells: Mapping[str, Mapping[str, Any]], methods: list[str] | None = None
+) -> list[dict[str, Any]]:
+    """Rows of every cell: zero-shot, full data, then methods (in ``methods`` order, others
+    after), pruning rate, seed."""
+    order = {m: i for i, m in enumerate([ZERO_SHOT, FULL, *(methods or [])])}
+
+    def key(r: dict[str, Any]) -> tuple[int, str, float, int]:
+        return (order.get(r["method"], len(order)), r["method"], r["prune_rate"], r["seed"] or 0)
+
+    return sorted((cell_row(c) for c in cells.values()), key=key)
+
+
+def write_reports(
+    folder: Path, cells: Mapping[str, Mapping[str, Any]], *, plots: bool = True
+) -> list[Path]:
+    """Write ``results.csv`` and ``table.md`` (and the plots) from ``cells``; returns the paths."""
+    rows = collect_rows(cells, planned_methods(folder))
+    if not rows:
+        return []
+    csv_path, table_path = folder / "results.csv", folder / "table.md"
+    write_results_csv(csv_path, rows)
+    with atomic_open(table_path) as f:
+        f.write(render_tables(rows, title=f"Bench results: {folder.name}"))
+    written = [csv_path, table_path]
+    if plots:
+        from .plots import write_plots
+
+        written += write_plots(folder, rows)
+    return written
+
+
+def planned_methods(folder: Path) -> list[str] | None:
+    """The ``methods`` order of the bench's config, for the row order of the tables."""
+    path = folder / "bench_config.json"
+    if not path.is_file():
+        return None
+    methods = json.loads(path.read_text(encoding="utf-8")).get("methods")
+    return list(methods) if isinstance(methods, list) else None

@@ -1,0 +1,502 @@
+"""The bench loop: for every (method, pruning rate, seed) select, fine-tune the target, generate,
+score; one JSON per finished cell, so an interrupted bench resumes where it stopped.
+
+Cells run seed by seed (all methods and rates of seed 0 first), so a partial bench already
+holds comparable rows. The target is loaded once; each cell attaches a fresh seeded LoRA to it
+and detaches it afterwards (without merging), so the base weights every cell starts from are
+the pretrained ones. Selections go through :func:`speccore.select` with one cache in the bench
+folder: the small model's adapter and scores, the tuned target of the baselines and verified
+target scores are computed once and reused by every later cell that needs them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from ..config import TrainSettings
+from ..data import Formatting, load_rows, prompt_texts, tokenize_dataset
+from ..errors import ConfigError, DataError
+from ..io import atomic_open, fingerprint, write_json
+from .config import BenchConfig, load_bench_config
+from .generate import generate
+from .metrics import evaluate
+from .report import collect_rows, write_reports
+
+if TYPE_CHECKING:
+    import datasets
+
+    from ..data.tokenized import TokenizedData
+    from ..models import LoadedModel
+    from ..selection import Selection
+
+logger = logging.getLogger(__name__)
+
+FULL = "full"
+ZERO_SHOT = "zero-shot"
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One bench row: a method at a pruning rate with a seed (``full``: p = 0; ``zero-shot``:
+    no fine-tuning, no seed)."""
+
+    method: str
+    prune_rate: float = 0.0
+    seed: int | None = None
+
+    @property
+    def name(self) -> str:
+        if self.method == ZERO_SHOT:
+            return ZERO_SHOT
+        if self.method == FULL:
+            return f"{FULL}_s{self.seed}"
+        return f"{self.method}_p{self.prune_rate:g}_s{self.seed}"
+
+
+def plan_cells(cfg: BenchConfig) -> list[Cell]:
+    """Every cell of the bench in run order: zero-shot, then per seed full data and each
+    (pruning rate, method)."""
+    cells = [Cell(ZERO_SHOT)] if cfg.zero_shot else []
+    for seed in cfg.seeds:
+        if cfg.full:
+            cells.append(Cell(FULL, 0.0, seed))
+        for p in cfg.prune_rates:
+            cells += [Cell(m, p, seed) for m in cfg.methods]
+    return cells
+
+
+@dataclass
+class BenchData:
+    """The training rows selections and fine-tunes use, and the evaluation rows."""
+
+    train: datasets.Dataset
+    eval: datasets.Dataset
+    references: list[list[str]]
+
+
+@dataclass
+class CellRun:
+    """A cell's predictions, its fine-tune statistics and times (no fine-tune: ``None``)."""
+
+    predictions: list[str]
+    train_stats: dict[str, float]
+    train_seconds: float | None
+    generate_seconds: float
+
+
+@dataclass
+class BenchResult:
+    """What :func:`run_bench` did and wrote."""
+
+    folder: Path
+    rows: list[dict[str, Any]]
+    ran: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    outputs: list[Path] = field(default_factory=list)
+
+
+def run_bench(config: BenchConfig | str | Path, *, plots: bool = True) -> BenchResult:
+    """Run (or resume) a bench; returns the rows of every finished cell.
+
+    ``config`` is a :class:`BenchConfig` or the path of a bench YAML file. Writes into
+    ``config.out``: ``cells/*.json`` (one per finished cell), ``selections/*.json``,
+    ``results.csv``, ``table.md`` and the plots.
+    """
+    cfg = config if isinstance(config, BenchConfig) else load_bench_config(config)
+    cfg.validate()
+    return BenchRunner(cfg).run(plots=plots)
+
+
+class BenchRunner:
+    """Runs the cells of one bench; the target model and tokenised data are made once."""
+
+    def __init__(self, cfg: BenchConfig) -> None:
+        self.cfg = cfg
+        self.folder = cfg.folder
+        self.settings = cfg.settings_dict()
+        self.settings_fp = fingerprint(self.settings)
+        self._data: BenchData | None = None
+        self._loaded: LoadedModel | None = None
+        self._base: Any = None
+        self._train_tokens: TokenizedData | None = None
+        self._prompts: list[str] | None = None
+
+    # --- the loop ------------------------------------------------------------------------
+
+    def run(self, plots: bool = True) -> BenchResult:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        done = load_cells(self.folder)
+        check_settings(done, self.settings, self.folder)
+        write_json(
+            self.folder / "bench_config.json", {"settings": self.settings, **_plan(self.cfg)}
+        )
+        cells = plan_cells(self.cfg)
+        todo = [c for c in cells if c.name not in done]
+        result = BenchResult(self.folder, [], skipped=[c.name for c in cells if c.name in done])
+        if result.skipped:
+            logger.info(
+                "resuming: %d of %d cells already finished", len(result.skipped), len(cells)
+            )
+        for cell in tqdm(todo, desc="bench cells", unit="cell"):
+            record = self.run_cell(cell)
+            write_json(cell_path(self.folder, cell.name), record)
+            done[cell.name] = record
+            result.ran.append(cell.name)
+            write_reports(self.folder, done, plots=False)  # tables stay current during a bench
+        result.outputs = write_reports(self.folder, done, plots=plots)
+        result.rows = collect_rows(done)
+        return result
+
+    def run_cell(self, cell: Cell) -> dict[str, Any]:
+        """Select (unless full or zero-shot), fine-tune, generate and score one cell."""
+        logger.info("cell %s", cell.name)
+        selection = self.select(cell) if cell.method not in (FULL, ZERO_SHOT) else None
+        indices = np.arange(len(self.data.train)) if selection is None else selection.indices
+        run = self.predict(cell, indices)
+        start = time.perf_counter()
+        metrics = evaluate(run.predictions, self.data.references, self.cfg.metrics)
+        per_sample = metrics.pop("rougeL_per_sample")
+        record = {
+            "name": cell.name,
+            "method": cell.method,
+            "prune_rate": cell.prune_rate,
+            "seed": cell.seed,
+            "n_train": len(self.data.train),
+            "coreset_size": 0 if cell.method == ZERO_SHOT else len(indices),
+            "metrics": metrics,
+            "selection": None if selection is None else selection_summary(selection),
+            "train": run.train_stats,
+            "train_seconds": run.train_seconds,
+            "eval_seconds": run.generate_seconds + time.perf_counter() - start,
+            "predictions": run.predictions,
+            "rougeL_per_sample": per_sample,
+            "settings_fp": self.settings_fp,
+            "settings": self.settings,
+            "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+        _log_cell(record)
+        return record
+
+    def select(self, cell: Cell) -> Selection:
+        from ..pipeline import select
+
+        assert cell.seed is not None
+        selection = select(self.cfg.select_config(cell.method, cell.prune_rate, cell.seed))
+        # Written before the cell's result: a cell JSON never points at a missing selection.
+        selection.save(self.folder / "selections" / f"{cell.name}.json")
+        return selection
+
+    def predict(self, cell: Cell, indices: np.ndarray) -> CellRun:
+        """Zero-shot: generate with the base model. Otherwise a fresh LoRA (seeded with the
+        cell's seed) on the target, tuned on the rows at ``indices``, then generation; the LoRA
+        is detached afterwards, whatever happens."""
+        from ..models import attach_lora, detach_lora
+        from ..train import finetune
+
+        if cell.method == ZERO_SHOT:
+            start = time.perf_counter()
+            predictions = self.generate(self.base, cell)
+            return CellRun(predictions, {}, None, time.perf_counter() - start)
+        assert cell.seed is not None
+        settings = TrainSettings(**{**vars(self.cfg.finetune), "seed": cell.seed})
+        start = time.perf_counter()
+        peft = attach_lora(self.base, self.cfg.lora, seed=cell.seed)
+        try:
+            stats = finetune(
+                peft,
+                self.train_tokens.subset(indices),
+                settings,
+                max_batch_tokens=self.cfg.max_batch_tokens,
+                desc=f"fine-tune target ({cell.name})",
+            )
+            trained = time.perf_counter()
+            predictions = self.generate(peft, cell)
+        finally:
+            self._base = detach_lora(peft)
+        return CellRun(predictions, stats, trained - start, time.perf_counter() - trained)
+
+    def generate(self, model: Any, cell: Cell) -> list[str]:
+        g = self.cfg.generation
+        return generate(
+            model,
+            self.loaded.tokenizer,
+            self.prompts,
+            max_new_tokens=g.max_new_tokens,
+            batch_size=g.batch_size,
+            max_prompt_tokens=self.cfg.prompt_budget,
+            truncation_side=self.cfg.data.truncation_side,
+            desc=f"generate ({cell.name})",
+        )
+
+    # --- made once, on first use -----------------------------------------------------------
+
+    @property
+    def data(self) -> BenchData:
+        if self._data is None:
+            self._data = prepare_data(self.cfg)
+        return self._data
+
+    @property
+    def loaded(self) -> LoadedModel:
+        if self._loaded is None:
+            from ..models import load_model
+
+            m = self.cfg.models
+            self._loaded = load_model(m.target, dtype=m.dtype, device=m.device)
+            self._base = self._loaded.model
+        return self._loaded
+
+    @property
+    def base(self) -> Any:
+        _ = self.loaded
+        return self._base
+
+    @property
+    def train_tokens(self) -> TokenizedData:
+        if self._train_tokens is None:
+            d = self.cfg.data
+            self._train_tokens = tokenize_dataset(
+                self.data.train,
+                self.loaded.tokenizer,
+                Formatting.from_config(d),
+                d.max_length,
+                d.truncation_side,
+            )
+        return self._train_tokens
+
+    @property
+    def prompts(self) -> list[str]:
+        if self._prompts is None:
+            fmt = Formatting.from_config(self.cfg.data)
+            self._prompts = prompt_texts(self.data.eval, fmt, self.loaded.tokenizer)
+        return self._prompts
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------------
+
+
+def prepare_data(cfg: BenchConfig) -> BenchData:
+    """Load (and subset) training and evaluation rows; write the training subset the selections
+    read into the bench folder."""
+    d = cfg.data
+    train = take_rows(load_rows(d.train, d.split), d.train_rows, d.row_sampling, d.data_seed)
+    if d.train_rows is not None:
+        write_rows(Path(cfg.train_path()), train)
+    evaluation = load_rows(d.eval, d.eval_split)
+    evaluation = take_rows(evaluation, d.eval_rows, d.row_sampling, d.data_seed)
+    references = reference_texts(evaluation, d.reference_fields())
+    logger.info("bench data: %d training rows, %d evaluation rows", len(train), len(evaluation))
+    return BenchData(train, evaluation, references)
+
+
+def take_rows(
+    dataset: datasets.Dataset, n: int | None, sampling: str, seed: int
+) -> datasets.Dataset:
+    """The first ``n`` rows, or ``n`` rows drawn with ``seed`` (in file order); all if ``n`` is
+    None or not smaller than the data."""
+    if n is None or n >= len(dataset):
+        if n is not None:
+            logger.info("asked for %d rows, the data has %d: using all", n, len(dataset))
+        return dataset
+    if sampling == "first":
+        return dataset.select(range(n))
+    picked = np.sort(np.random.default_rng(seed).choice(len(dataset), size=n, replace=False))
+    return dataset.select(picked.tolist())
+
+
+def write_rows(path: Path, dataset: datasets.Dataset) -> None:
+    """Rows as JSON Lines, atomically (the selections' ``data``)."""
+    with atomic_open(path) as f:
+        for row in dataset:
+            f.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
+
+
+def reference_texts(dataset: datasets.Dataset, fields: list[str]) -> list[list[str]]:
+    """Every evaluation row's reference answers, one per field in ``fields``."""
+    for name in fields:
+        if name not in dataset.column_names:
+            raise DataError(
+                f"evaluation data has no field '{name}' (fields: {', '.join(dataset.column_names)});"
+                " check data.references"
+            )
+    columns = [list(dataset[name]) for name in fields]
+    refs: list[list[str]] = []
+    for i in range(len(dataset)):
+        row = [c[i] for c in columns]
+        for name, value in zip(fields, row, strict=True):
+            if not isinstance(value, str) or not value.strip():
+                raise DataError(
+                    f"evaluation row {i}: reference field '{name}' is "
+                    f"{'empty' if isinstance(value, str) else type(value).__name__}; every "
+                    "row needs text in each data.references field"
+                )
+        refs.append(row)
+    return refs
+
+
+# ---------------------------------------------------------------------------------------------
+# Cells on disk
+# ---------------------------------------------------------------------------------------------
+
+
+def cell_path(folder: Path, name: str) -> Path:
+    return folder / "cells" / f"{name}.json"
+
+
+def load_cells(folder: Path) -> dict[str, dict[str, Any]]:
+    """Every finished cell in a bench folder (by name). Files are written atomically, so a
+    cell file that exists is complete."""
+    cells: dict[str, dict[str, Any]] = {}
+    for path in sorted((folder / "cells").glob("*.json")):
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: not valid JSON ({e}); delete it to rerun the cell") from None
+        cells[record["name"]] = record
+    return cells
+
+
+def check_settings(
+    cells: dict[str, dict[str, Any]], settings: dict[str, Any], folder: Path
+) -> None:
+    """Refuse to mix cells of other settings (another epoch count, data, model...) into one
+    table; name what changed."""
+    fp = fingerprint(settings)
+    for name, record in cells.items():
+        if record.get("settings_fp") == fp:
+            continue
+        changed = sorted(_diff(_flatten(record.get("settings", {})), _flatten(settings)))
+        raise ConfigError(
+            f"bench folder {folder} holds cell {name} made with other settings (changed: "
+            f"{', '.join(changed[:6]) or 'unknown'}); use another `out` folder, or delete "
+            f"{folder / 'cells'} to start over"
+        )
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _diff(a: dict[str, Any], b: dict[str, Any]) -> set[str]:
+    return {k for k in set(a) | set(b) if a.get(k) != b.get(k)}
+
+
+def _plan(cfg: BenchConfig) -> dict[str, Any]:
+    return {
+        "methods": cfg.methods,
+        "prune_rates": cfg.prune_rates,
+        "seeds": cfg.seeds,
+        "full": cfg.full,
+        "zero_shot": cfg.zero_shot,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Selection facts for the tables
+# ---------------------------------------------------------------------------------------------
+
+
+def selection_summary(selection: Selection) -> dict[str, Any]:
+    """Stage times and small/target agreement of one selection."""
+    timings = dict(selection.timings)
+    total = timings.pop("total", float(sum(timings.values())))
+    agreement = selection.info.get("agreement") or {}
+    small, target = verified_scores(selection)
+    regions = int(selection.config.get("regions", 0) or 0)
+    return {
+        "seconds": total,
+        "timings": timings,
+        "agreement": agreement.get("spearman"),
+        "rand_index": rand_index(small, target, regions) if small is not None else None,
+        "n_verified": selection.info.get("n_verified"),
+        "target_samples_scored": selection.info.get("target_samples_scored"),
+    }
+
+
+def verified_scores(selection: Selection | dict[str, Any]) -> tuple[Any, Any]:
+    """Small and target scores of STAFF's verified samples, or ``(None, None)``.
+
+    STAFF stores them with its agreement (``info["agreement"]``: ``indices``, ``small``,
+    ``target``); ``info["verified"]`` with the same keys is read too. Without ``small``, the
+    small scores are looked up in the selection's ``scores`` by ``indices``.
+    """
+    if isinstance(selection, dict):
+        info, scores = selection.get("info", {}), selection.get("scores")
+    else:
+        info, scores = selection.info, selection.scores
+    found = [
+        v
+        for v in (info.get("verified"), info.get("agreement"))
+        if isinstance(v, dict) and v.get("target")
+    ]
+    if not found:
+        return None, None
+    verified = found[0]
+    target = np.asarray(verified["target"], dtype=np.float64)
+    if verified.get("small"):
+        small = np.asarray(verified["small"], dtype=np.float64)
+    elif scores is not None and verified.get("indices"):
+        small = np.asarray(scores, dtype=np.float64)[
+            np.asarray(verified["indices"], dtype=np.int64)
+        ]
+    else:
+        return None, None
+    return small, target
+
+
+def rand_index(small: np.ndarray, target: np.ndarray, regions: int) -> float | None:
+    """Rand index between the regions small and target scores induce on the same samples, each
+    split into ``regions`` equal-width regions over its own range."""
+    from sklearn.metrics import rand_score
+
+    from ..selection.regions import equal_width_regions
+
+    if len(small) < 2 or regions < 1:
+        return None
+    a = equal_width_regions(np.asarray(small, dtype=np.float64), regions)
+    b = equal_width_regions(np.asarray(target, dtype=np.float64), regions)
+    return float(rand_score(a, b))
+
+
+def _log_cell(record: dict[str, Any]) -> None:
+    m = record["metrics"]
+    sel = record["selection"] or {}
+    logger.info(
+        "cell %s: ROUGE-L %.2f [%.2f, %.2f], BLEU-4 %.2f; selection %.1f s, fine-tune %.1f s, "
+        "eval %.1f s",
+        record["name"],
+        m["rougeL"],
+        m["rougeL_lo"],
+        m["rougeL_hi"],
+        m["bleu4"],
+        sel.get("seconds") or 0.0,
+        record["train_seconds"] or 0.0,
+        record["eval_seconds"],
+    )
+
+
+def report_only(config: BenchConfig | str | Path, *, plots: bool = True) -> list[Path]:
+    """Rewrite ``results.csv``, ``table.md`` and the plots from the finished cells only."""
+    cfg = config if isinstance(config, BenchConfig) else load_bench_config(config)
+    cells = load_cells(cfg.folder)
+    if not cells:
+        raise ConfigError(f"no finished cells in {cfg.folder / 'cells'}; run the bench first")
+    check_settings(cells, cfg.settings_dict(), cfg.folder)
+    return write_reports(cfg.folder, cells, plots=plots)

@@ -1,0 +1,243 @@
+"""The bench end to end on tiny random models: config loading, generation, the cell loop, its
+outputs, resuming after an interruption, and refusing to mix settings."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from conftest import make_rows
+from speccore.bench import bench_config_from_dict, load_bench_config, plan_cells, run_bench
+from speccore.bench.generate import _decode, encode_prompts, generate
+from speccore.bench.run import BenchRunner
+from speccore.cli import main
+from speccore.errors import ConfigError
+from speccore.models import load_model
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def bench_settings(tmp_path: Path, model_dirs: dict[str, Path]) -> dict[str, Any]:
+    """A micro bench: 12 training rows, 4 evaluation rows, tiny models, few tokens."""
+    train, dev = tmp_path / "train.jsonl", tmp_path / "dev.jsonl"
+    train.write_text("".join(json.dumps(r) + "\n" for r in make_rows(12)), encoding="utf-8")
+    dev.write_text("".join(json.dumps(r) + "\n" for r in make_rows(4, seed=7)), encoding="utf-8")
+    return {
+        "out": str(tmp_path / "a" / "bench"),
+        "data": {
+            "train": str(train),
+            "eval": str(dev),
+            "template": "Summarize: {dialogue}\nSummary:",
+            "output_field": "summary",
+            "references": ["summary"],
+            "max_length": 64,
+        },
+        "models": {"small": str(model_dirs["small"]), "target": str(model_dirs["target"])},
+        "methods": ["random"],
+        "prune_rates": [0.5],
+        "seeds": [0],
+        "finetune": {"epochs": 1, "batch_size": 4},
+        "select": {"regions": 3, "verify_per_region": 2, "small_epochs": 1, "batch_size": 4},
+        "generation": {"max_new_tokens": 5, "batch_size": 3},
+        "metrics": {"bootstrap": 50, "bleu_bootstrap": 10},
+    }
+
+
+# --- configuration ------------------------------------------------------------------------
+
+
+def test_shipped_configs_load() -> None:
+    mini = load_bench_config(REPO / "bench" / "mini-uitrans.yaml")
+    assert mini.metrics.unicode_rouge and mini.data.train_rows == 600
+    assert [c.name for c in plan_cells(mini)][:2] == ["zero-shot", "full_s0"]
+    assert len(plan_cells(load_bench_config(REPO / "bench" / "mini-dialogsum.yaml"))) == 8
+    full = load_bench_config(REPO / "bench" / "full-dialogsum.yaml")
+    sel = full.select_config("staff", 0.9, 2)
+    assert (sel.regions, sel.verify_per_region, sel.small_epochs, sel.seed) == (50, 10, 3.0, 2)
+    assert len(plan_cells(full)) == 1 + 3 + 7 * 5 * 3
+
+
+def test_defaults_are_the_papers_grid(bench_settings: dict[str, Any]) -> None:
+    del bench_settings["prune_rates"], bench_settings["seeds"]
+    cfg = bench_config_from_dict(bench_settings)
+    assert cfg.prune_rates == [0.2, 0.5, 0.7, 0.8, 0.9] and cfg.seeds == [0, 1, 2]
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"epochs": 1}, "unknown key epochs; valid keys in the top level"),
+        ({"finetune": {"lr": 1e-4}}, "unknown key finetune.lr; valid keys in finetune"),
+        ({"generation": {"max_new_tokens": "many"}}, "generation.max_new_tokens must be int"),
+        ({"select": {"seed": 3}}, "select.seed is set by the bench from seeds"),
+        ({"select": {"regionz": 3}}, "unknown setting(s) regionz"),
+        ({"methods": ["staff", "magic"]}, "unknown method 'magic'"),
+        ({"prune_rates": [0.0]}, "prune_rates must be in (0, 1)"),
+        ({"finetune": {"seed": 4}}, "finetune.seed is not used"),
+        ({"metrics": {"rouge_tokenizer": "nltk"}}, "metrics.rouge_tokenizer"),
+    ],
+)
+def test_config_errors_name_the_key(
+    bench_settings: dict[str, Any], change: dict[str, Any], message: str
+) -> None:
+    settings = {**bench_settings, **change}
+    with pytest.raises(ConfigError) as err:
+        bench_config_from_dict(settings)
+    assert message in str(err.value)
+
+
+def test_yaml_errors_name_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "b.yaml"
+    path.write_text("out: x\ndata: [1, 2]\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"b\.yaml: data must be a mapping"):
+        load_bench_config(path)
+
+
+# --- generation -----------------------------------------------------------------------------
+
+
+def test_batched_left_padded_generation_equals_one_by_one(model_dirs: dict[str, Path]) -> None:
+    loaded = load_model(str(model_dirs["target"]))
+    prompts = ["the report", "the team travels to Berlin and Hamburg to meet", "sales"]
+    kw = {"max_new_tokens": 6, "max_prompt_tokens": 32}
+    batched = generate(loaded.model, loaded.tokenizer, prompts, batch_size=3, **kw)  # type: ignore[arg-type]
+    single = [generate(loaded.model, loaded.tokenizer, [p], batch_size=1, **kw)[0] for p in prompts]  # type: ignore[arg-type]
+    assert batched == single
+    assert any(batched)  # a random model still emits tokens
+
+
+def test_decode_stops_at_eos_and_prompts_keep_their_bos(model_dirs: dict[str, Path]) -> None:
+    tok = load_model(str(model_dirs["other"])).tokenizer  # Gemma-like: BOS on every call
+    eos = tok.eos_token_id
+    ids = tok("the cat", add_special_tokens=False)["input_ids"]
+    assert _decode(tok, [*ids, eos, *ids], [eos]) == tok.decode(ids).strip()
+    (long,) = encode_prompts(tok, ["the report describes sales costs and the plan"], 4)
+    full = tok("the report describes sales costs and the plan")["input_ids"]
+    assert long == [tok.bos_token_id, *full[-3:]]
+
+
+# --- the loop -------------------------------------------------------------------------------
+
+
+def test_micro_bench_end_to_end_through_the_cli(
+    bench_settings: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bench_settings["methods"] = ["staff", "random"]
+    config = tmp_path / "micro.yaml"
+    config.write_text(yaml.safe_dump(bench_settings), encoding="utf-8")
+    assert main(["bench", str(config)]) == 0
+    out = Path(bench_settings["out"])
+    assert "4 cells run, 0 already finished" in capsys.readouterr().out
+    csv_lines = (out / "results.csv").read_text(encoding="utf-8").splitlines()
+    assert [line.split(",")[0] for line in csv_lines[1:]] == [
+        "zero-shot",
+        "full",
+        "staff",
+        "random",
+    ]
+    cells = {p.stem: json.loads(p.read_text()) for p in (out / "cells").glob("*.json")}
+    assert {n: c["coreset_size"] for n, c in cells.items()} == {
+        "zero-shot": 0,
+        "full_s0": 12,
+        "staff_p0.5_s0": 6,
+        "random_p0.5_s0": 6,
+    }
+    staff = cells["staff_p0.5_s0"]
+    assert len(staff["predictions"]) == 4 and staff["metrics"]["n_eval"] == 4
+    assert {"small fine-tune", "target verification"} <= set(staff["selection"]["timings"])
+    assert staff["selection"]["seconds"] > 0 and staff["train_seconds"] > 0
+    assert 0 <= staff["selection"]["rand_index"] <= 1  # regions of the verified samples
+    assert (out / "selections" / "staff_p0.5_s0.json").is_file()
+    table = (out / "table.md").read_text(encoding="utf-8")
+    assert "| staff |" in table and "| full data (p = 0) |" in table and "## BLEU-4" in table
+    pngs = ("rougeL_vs_prune_rate.png", "bleu4_vs_prune_rate.png", "staff_regions_p0.5.png")
+    for png in (*pngs, "staff_effort_small_vs_target.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG"
+    # Rerunning finds every cell finished and only rewrites the reports.
+    assert main(["bench", str(config)]) == 0
+    assert "0 cells run, 4 already finished" in capsys.readouterr().out
+    assert main(["bench", str(config), "--report-only"]) == 0
+    assert f"wrote {out / 'table.md'}" in capsys.readouterr().out
+    empty = tmp_path / "empty"
+    assert main(["bench", str(config), "--out", str(empty), "--report-only"]) == 2
+    assert "no finished cells" in capsys.readouterr().err
+
+
+def metric_blocks(folder: Path) -> str:
+    return (folder / "table.md").read_text(encoding="utf-8").split("## Selection overhead")[0]
+
+
+def test_resume_after_an_interruption_recomputes_nothing_finished(
+    bench_settings: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = bench_config_from_dict(bench_settings)
+    real_run_cell = BenchRunner.run_cell
+    computed: list[str] = []
+
+    def interrupted(self: BenchRunner, cell: Any) -> dict[str, Any]:
+        if computed:  # the second cell: killed half-way
+            raise KeyboardInterrupt
+        computed.append(cell.name)
+        return real_run_cell(self, cell)
+
+    monkeypatch.setattr(BenchRunner, "run_cell", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_bench(cfg)
+    out = cfg.folder
+    assert [p.stem for p in (out / "cells").glob("*.json")] == ["zero-shot"]
+    first = (out / "cells" / "zero-shot.json").read_bytes()
+
+    computed.clear()
+    loads: list[str] = []
+
+    def counting(self: BenchRunner, cell: Any) -> dict[str, Any]:
+        computed.append(cell.name)
+        return real_run_cell(self, cell)
+
+    import speccore.models as models
+
+    real_load = models.load_model
+    monkeypatch.setattr(BenchRunner, "run_cell", counting)
+    monkeypatch.setattr(
+        models, "load_model", lambda *a, **k: loads.append(a[0]) or real_load(*a, **k)
+    )
+    result = run_bench(cfg)
+    assert computed == ["full_s0", "random_p0.5_s0"] == result.ran
+    assert result.skipped == ["zero-shot"]
+    assert (out / "cells" / "zero-shot.json").read_bytes() == first
+    assert len(loads) == 1  # the target, once for all cells (random loads no model)
+
+    straight = bench_config_from_dict({**bench_settings, "out": str(tmp_path / "b" / "bench")})
+    run_bench(straight, plots=False)
+    assert metric_blocks(out) == metric_blocks(straight.folder)
+    for name in ("zero-shot", "full_s0", "random_p0.5_s0"):
+        a = json.loads((out / "cells" / f"{name}.json").read_text())
+        b = json.loads((straight.folder / "cells" / f"{name}.json").read_text())
+        assert a["predictions"] == b["predictions"] and a["metrics"] == b["metrics"]
+
+
+def test_lora_is_detached_after_every_cell(bench_settings: dict[str, Any]) -> None:
+    bench_settings["zero_shot"] = False
+    runner = BenchRunner(bench_config_from_dict(bench_settings))
+    runner.run(plots=False)
+    base = runner.base
+    assert not hasattr(base, "peft_config")
+    assert not any("lora_" in name for name, _ in base.named_parameters())
+
+
+def test_changed_settings_are_refused_not_mixed(bench_settings: dict[str, Any]) -> None:
+    bench_settings["full"] = False
+    run_bench(bench_config_from_dict(bench_settings), plots=False)
+    bench_settings["finetune"] = {"epochs": 2, "batch_size": 4}
+    with pytest.raises(ConfigError, match=r"other settings \(changed: finetune\.epochs\)"):
+        run_bench(bench_config_from_dict(bench_settings), plots=False)
+    # More seeds or methods are new cells of the same bench, not other settings.
+    bench_settings["finetune"] = {"epochs": 1, "batch_size": 4}
+    bench_settings["seeds"] = [0, 1]
+    result = run_bench(bench_config_from_dict(bench_settings), plots=False)
+    assert result.ran == ["random_p0.5_s1"]
