@@ -10,6 +10,8 @@ from .errors import ConfigError
 
 SCORES = ("effort", "loss", "el2n")
 ALLOCATIONS = ("paper", "reference")
+TOKEN_SCORERS = ("small", "target")
+TOKEN_RANKS = ("sample", "global")
 
 
 @dataclass
@@ -129,6 +131,24 @@ class SelectConfig:
     cache_dir: str | None = field(
         default=None, metadata={"help": "cache folder (default $SPECCORE_CACHE)"}
     )
+    token_keep: float = field(
+        default=1.0,
+        metadata={"help": "fraction of response tokens to keep, (0, 1]; 1.0 = sample-level only"},
+    )
+    token_scorer: str = field(
+        default="small",
+        metadata={
+            "help": "small | target: the base loss comes from the untuned small model or the "
+            "untuned target"
+        },
+    )
+    token_crossfit: bool = field(
+        default=True,
+        metadata={
+            "help": "--no-token-crossfit reuses the STAFF adapter (scores its own training rows)"
+        },
+    )
+    token_rank: str = field(default="sample", metadata={"help": "sample | global"})
 
     @property
     def lora(self) -> LoraSettings:
@@ -179,6 +199,21 @@ class SelectConfig:
             raise ConfigError(f"--ccs-beta must be in [0, 1), got {self.ccs_beta}")
         if self.d2_k < 1:
             raise ConfigError(f"--d2-k must be >= 1, got {self.d2_k}")
+        self._validate_tokens()
+
+    def _validate_tokens(self) -> None:
+        """Token-level selection settings (issue 6)."""
+        if not 0 < self.token_keep <= 1:
+            raise ConfigError(f"--token-keep must be in (0, 1], got {self.token_keep}")
+        if self.token_scorer not in TOKEN_SCORERS:
+            raise ConfigError(
+                f"--token-scorer must be one of {', '.join(TOKEN_SCORERS)}, "
+                f"got {self.token_scorer!r}"
+            )
+        if self.token_rank not in TOKEN_RANKS:
+            raise ConfigError(
+                f"--token-rank must be one of {', '.join(TOKEN_RANKS)}, got {self.token_rank!r}"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

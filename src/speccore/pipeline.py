@@ -46,9 +46,20 @@ def select(config: SelectConfig | None = None, **settings: Any) -> Selection:
     dataset = load_rows(cfg.data, cfg.split)
     check_rows(dataset, cfg)
     budget = coreset_size(len(dataset), cfg.prune_rate)
+    if cfg.dry_run:  # estimates only: info["dry_run"]; no coreset, nothing written
+        from .dryrun import dry_run_selection
+
+        return dry_run_selection(cfg, dataset, budget)
     provider = ModelProvider(cfg, dataset)
     selection = method.select(provider, budget, cfg.seed)
     selection.method = cfg.method
+    tokens = None
+    if cfg.token_keep < 1:
+        from .tokens import select_tokens
+
+        with provider.stage("token selection"):
+            tokens = select_tokens(provider, selection, cfg)
+        selection.info["tokens"] = tokens.info
     selection.timings = {k: round(v, 4) for k, v in provider.timer.timings.items() if v >= 5e-4}
     selection.timings["total"] = round(time.perf_counter() - start, 4)
     selection.config = cfg.to_dict()
@@ -58,14 +69,19 @@ def select(config: SelectConfig | None = None, **settings: Any) -> Selection:
         selection, dataset, cfg.output_field, cfg.group_field, provider.tokenized()
     )
     if cfg.out:
-        write_run(cfg, dataset, selection, provider)
+        write_run(cfg, dataset, selection, provider, tokens)
     return selection
 
 
 def write_run(
-    cfg: SelectConfig, dataset: Any, selection: Selection, provider: ModelProvider
+    cfg: SelectConfig,
+    dataset: Any,
+    selection: Selection,
+    provider: ModelProvider,
+    tokens: Any = None,
 ) -> None:
-    """The run folder: coreset in the input's format, selection.json, summary, small adapter."""
+    """The run folder: coreset in the input's format, selection.json, summary, small adapter,
+    and the token masks when token-level selection ran."""
     out = Path(str(cfg.out))
     out.mkdir(parents=True, exist_ok=True)
     small = provider._small
@@ -77,6 +93,8 @@ def write_run(
         shutil.rmtree(dest, ignore_errors=True)
         tmp.rename(dest)
     write_coreset(cfg.data, dataset, selection.indices.tolist(), out, split=cfg.split)
+    if tokens is not None:
+        tokens.save(out)
     selection.save(out / "selection.json")
     with atomic_open(out / "summary.txt") as f:
         f.write(summary_text(selection) + "\n")

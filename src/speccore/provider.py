@@ -110,10 +110,11 @@ class ModelSlot:
             self.state = "fresh"
         return model
 
-    def use_tuned(self, epochs: float) -> PeftModel:
-        """The model LoRA-tuned on the full data for ``epochs`` (cached adapter, or tune now)."""
+    def use_tuned(self, epochs: float, rows: np.ndarray | None = None) -> PeftModel:
+        """The model LoRA-tuned for ``epochs`` on the full data, or on ``rows`` only (token
+        cross-fitting); the adapter comes from the cache when it was tuned before."""
         model = self.peft
-        if self.adapter_path is not None:
+        if self.adapter_path is not None and rows is None:
             return model  # the user's adapter is the tuned state
         from peft import set_peft_model_state_dict
         from safetensors.torch import load_file
@@ -121,9 +122,10 @@ class ModelSlot:
         from .models import save_adapter
         from .train import finetune
 
+        data = self.data if rows is None else self.data.subset(rows)
         settings = self.cfg.train_settings(epochs)
         key = fingerprint(
-            "adapter", self.identity(), self.data.fingerprint(), vars(self.cfg.lora), vars(settings)
+            "adapter", self.identity(), data.fingerprint(), vars(self.cfg.lora), vars(settings)
         )
         folder = self.cache.adapter_dir(key)
         if self.state == f"tuned:{key}":
@@ -136,14 +138,16 @@ class ModelSlot:
             with self.timer.stage(f"{self.role} fine-tune"):
                 finetune(
                     model,
-                    self.data,
+                    data,
                     settings,
                     max_batch_tokens=self.cfg.max_batch_tokens,
-                    desc=f"fine-tune {self.role}",
+                    desc=f"fine-tune {self.role}"
+                    + ("" if rows is None else f" on {len(rows)} rows"),
                 )
             save_adapter(model, folder)
         self.state = f"tuned:{key}"
-        self.tuned_adapter_dir = folder
+        if rows is None:
+            self.tuned_adapter_dir = folder
         return model
 
     def adapter_fp(self) -> str:

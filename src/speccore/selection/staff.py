@@ -171,10 +171,11 @@ def verify_regions(
     """Step 4's verification, done for every region up front so V can be normalised (step 5).
 
     The target is called once, on the ≤ K·b_v drawn samples only. Returns the agreement of
-    small and target scores over the verified samples.
+    small and target scores over the verified samples, with both scores of every verified sample
+    (``indices``, ``small``, ``target``: the bench plots them).
     """
     if verify is None:
-        return {"spearman": None, "n": 0}
+        return {"spearman": None, "n": 0, "indices": [], "small": [], "target": []}
     for b in blocks:
         b.verified = np.sort(
             rng.choice(b.members, size=min(per_region, len(b.members)), replace=False)
@@ -193,7 +194,12 @@ def verify_regions(
     mean = float(np.nanmean(ratios)) if np.isfinite(ratios).any() else math.nan
     for b in blocks:
         b.v = b.ratio / mean if math.isfinite(b.ratio) and mean > 0 else 1.0
-    return agreement(scores[drawn], target)
+    return {
+        **agreement(scores[drawn], target),
+        "indices": drawn.tolist(),
+        "small": scores[drawn].tolist(),
+        "target": target.tolist(),
+    }
 
 
 def agreement(small: np.ndarray, target: np.ndarray) -> dict[str, Any]:
