@@ -55,7 +55,13 @@ def test_shipped_configs_load() -> None:
     mini = load_bench_config(REPO / "bench" / "mini-uitrans.yaml")
     assert mini.metrics.unicode_rouge and mini.data.train_rows == 600
     assert [c.name for c in plan_cells(mini)][:2] == ["zero-shot", "full_s0"]
-    assert len(plan_cells(load_bench_config(REPO / "bench" / "mini-dialogsum.yaml"))) == 8
+    dialogsum = [
+        c.name for c in plan_cells(load_bench_config(REPO / "bench" / "mini-dialogsum.yaml"))
+    ]
+    assert len(dialogsum) == 10
+    assert {"staff_p0.9_s0", "staff_p0.9_s0_tok0.6", "random_p0.9_s0"} <= set(dialogsum)
+    assert "random_p0.9_s0_tok0.6" not in dialogsum  # token_methods: [staff]
+    assert mini.token_keeps == [1.0, 0.6] and mini.token_methods == ["staff"]
     full = load_bench_config(REPO / "bench" / "full-dialogsum.yaml")
     sel = full.select_config("staff", 0.9, 2)
     assert (sel.regions, sel.verify_per_region, sel.small_epochs, sel.seed) == (50, 10, 3.0, 2)

@@ -8,7 +8,7 @@ import platform
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .config import SelectConfig, coreset_size
 from .data import Formatting, format_rows, load_rows, write_coreset
@@ -16,6 +16,9 @@ from .io import atomic_open
 from .provider import ModelProvider
 from .report import describe, summary_text
 from .selection import Selection, get_method
+
+if TYPE_CHECKING:
+    from .tokens import TokenSelection
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +40,17 @@ def select(config: SelectConfig | None = None, **settings: Any) -> Selection:
 
     ``select(SelectConfig(...))`` or ``select(data=..., small=..., target=..., prune_rate=0.9)``.
     """
+    return select_with_tokens(config, **settings)[0]
+
+
+def select_with_tokens(
+    config: SelectConfig | None = None, **settings: Any
+) -> tuple[Selection, TokenSelection | None]:
+    """:func:`select`, also handing back the token masks when ``token_keep < 1`` (else ``None``).
+
+    The bench fine-tunes on them without a run folder; :class:`Selection` stays what it
+    serialises, so the masks travel beside it rather than on it.
+    """
     cfg = config if config is not None else SelectConfig.from_dict(settings)
     cfg.validate()
     Formatting.from_config(cfg).validate()
@@ -49,7 +63,7 @@ def select(config: SelectConfig | None = None, **settings: Any) -> Selection:
     if cfg.dry_run:  # estimates only: info["dry_run"]; no coreset, nothing written
         from .dryrun import dry_run_selection
 
-        return dry_run_selection(cfg, dataset, budget)
+        return dry_run_selection(cfg, dataset, budget), None
     provider = ModelProvider(cfg, dataset)
     selection = method.select(provider, budget, cfg.seed)
     selection.method = cfg.method
@@ -70,7 +84,7 @@ def select(config: SelectConfig | None = None, **settings: Any) -> Selection:
     )
     if cfg.out:
         write_run(cfg, dataset, selection, provider, tokens)
-    return selection
+    return selection, tokens
 
 
 def write_run(

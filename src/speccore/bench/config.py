@@ -3,7 +3,8 @@
 Selection settings are not duplicated here: the ``select:`` mapping holds
 :class:`~speccore.config.SelectConfig` fields (``regions``, ``verify_per_region``,
 ``small_epochs``, ``score``, ...). The bench itself sets the fields that are the same for
-every cell (data, formatting, models, cache) or vary per cell (method, prune rate, seed).
+every cell (data, formatting, models, cache) or vary per cell (method, prune rate, seed, and
+``token_keep`` for the methods in ``token_methods``).
 """
 
 from __future__ import annotations
@@ -21,6 +22,10 @@ from .metrics import MetricSettings
 
 DEFAULT_PRUNE_RATES = [0.2, 0.5, 0.7, 0.8, 0.9]
 DEFAULT_SEEDS = [0, 1, 2]
+# Token-level selection settings of the ``select:`` mapping. Only cells with token_keep < 1 use
+# them, so they are checked per token cell (see ``token_settings``), not bench-wide: setting them
+# later keeps the sample-level cells already finished.
+TOKEN_SELECT_FIELDS = ("token_scorer", "token_crossfit", "token_rank")
 ROW_SAMPLING = ("first", "random")
 
 # SelectConfig fields the bench fills in itself: from ``data:``/``models:`` or per cell.
@@ -42,6 +47,7 @@ BENCH_SET_SELECT_FIELDS = {
     "method": "methods",
     "prune_rate": "prune_rates",
     "seed": "seeds",
+    "token_keep": "token_keeps (per cell, for the methods in token_methods)",
     "cache_dir": "share_cache (the bench keeps its cache in its folder)",
     "out": "out",
     "dry_run": "(not available in a bench)",
@@ -112,6 +118,10 @@ class BenchConfig:
     methods: list[str] = field(default_factory=lambda: ["staff", "random"])
     prune_rates: list[float] = field(default_factory=lambda: list(DEFAULT_PRUNE_RATES))
     seeds: list[int] = field(default_factory=lambda: list(DEFAULT_SEEDS))
+    # Fractions of response tokens kept (token-level selection on top of the coreset); 1.0 is
+    # sample-level training. Only the methods in token_methods get values below 1.
+    token_keeps: list[float] = field(default_factory=lambda: [1.0])
+    token_methods: list[str] = field(default_factory=lambda: ["staff"])
     # Reference rows: fine-tuning on all training rows (per seed), and no fine-tuning (once).
     full: bool = True
     zero_shot: bool = True
@@ -139,7 +149,9 @@ class BenchConfig:
             return g.max_prompt_tokens
         return max(1, self.data.max_length - g.max_new_tokens)
 
-    def select_config(self, method: str, prune_rate: float, seed: int) -> SelectConfig:
+    def select_config(
+        self, method: str, prune_rate: float, seed: int, token_keep: float = 1.0
+    ) -> SelectConfig:
         """The SelectConfig of one cell (its cache folder inside the bench folder)."""
         cache = self.folder / "cache"
         if not self.share_cache:
@@ -164,6 +176,7 @@ class BenchConfig:
             "method": method,
             "prune_rate": prune_rate,
             "seed": seed,
+            "token_keep": token_keep,
             "cache_dir": str(cache),
         }
         return SelectConfig.from_dict(settings)
@@ -174,15 +187,39 @@ class BenchConfig:
             return self.data.train
         return str(self.folder / "data" / "train.jsonl")
 
-    def settings_dict(self) -> dict[str, Any]:
-        """What a finished cell's result depends on, beyond its (method, rate, seed).
+    def token_keeps_for(self, method: str) -> list[float]:
+        """The token_keep values of ``method``'s cells: ``token_keeps`` for the methods in
+        ``token_methods``, sample-level (1.0) only for the others."""
+        return list(self.token_keeps) if method in self.token_methods else [1.0]
 
-        Adding methods, rates or seeds, or switching the reference rows, keeps finished cells.
+    def settings_dict(self) -> dict[str, Any]:
+        """What every finished cell's result depends on, beyond its (method, rate, seed,
+        token_keep).
+
+        Adding methods, rates, seeds or token_keeps, or switching the reference rows, keeps
+        finished cells. The token settings of ``select:`` are left out: only token cells depend
+        on them, and those are checked against :meth:`token_settings`.
         """
         d = dataclasses.asdict(self)
-        for key in ("out", "methods", "prune_rates", "seeds", "full", "zero_shot"):
+        for key in (
+            "out",
+            "methods",
+            "prune_rates",
+            "seeds",
+            "token_keeps",
+            "token_methods",
+            "full",
+            "zero_shot",
+        ):
             d.pop(key)
+        d["select"] = {k: v for k, v in d["select"].items() if k not in TOKEN_SELECT_FIELDS}
         return d
+
+    def token_settings(self) -> dict[str, Any]:
+        """The token-level selection settings a token cell (token_keep < 1) depends on, with
+        defaults filled in (writing a default out changes nothing)."""
+        sel = self.select_config("random", 0.5, 0)
+        return {f"select.{k}": getattr(sel, k) for k in TOKEN_SELECT_FIELDS}
 
     def validate(self) -> None:
         """Check ranges and names; raise :class:`ConfigError` naming the key and the fix."""
@@ -192,6 +229,7 @@ class BenchConfig:
             raise ConfigError("models.target is required (alias, folder, .gguf or hub name)")
         if "staff" in self.methods and not self.models.small and "scores" not in self.select:
             raise ConfigError("models.small is required for method staff (e.g. smollm2-135m)")
+        _validate_tokens(self)
         g = self.generation
         if g.max_new_tokens < 1 or g.batch_size < 1:
             raise ConfigError("generation.max_new_tokens and generation.batch_size must be >= 1")
@@ -226,6 +264,36 @@ def _validate_top(cfg: BenchConfig) -> None:
     for key, where in BENCH_SET_SELECT_FIELDS.items():
         if key in cfg.select:
             raise ConfigError(f"select.{key} is set by the bench from {where}; remove it")
+
+
+def _validate_tokens(cfg: BenchConfig) -> None:
+    """``token_keeps`` and ``token_methods``: values, names, and the small model they need."""
+    if not cfg.token_keeps:
+        raise ConfigError("token_keeps must list at least one value, e.g. [1.0, 0.6]")
+    for k in cfg.token_keeps:
+        if not 0 < k <= 1:
+            raise ConfigError(f"token_keeps must be in (0, 1] (1.0: all tokens), got {k}")
+    if len(set(cfg.token_keeps)) != len(cfg.token_keeps):
+        raise ConfigError(f"token_keeps must not repeat a value: {cfg.token_keeps}")
+    from ..selection import method_names
+
+    valid = method_names()  # the registry is complete: _validate_top imported the methods
+    for m in cfg.token_methods:
+        if m not in valid:
+            raise ConfigError(f"token_methods: unknown method {m!r}; valid: {', '.join(valid)}")
+    if all(k == 1 for k in cfg.token_keeps):
+        return
+    used = [m for m in cfg.token_methods if m in cfg.methods]
+    if not used:
+        raise ConfigError(
+            f"token_keeps has values below 1 but no method of token_methods {cfg.token_methods} "
+            f"is in methods {cfg.methods}; add one to methods or drop the values below 1"
+        )
+    if not cfg.models.small:
+        raise ConfigError(
+            "models.small is required for token_keeps below 1: it scores the tokens "
+            "(e.g. smollm2-135m)"
+        )
 
 
 def _validate_data(d: DataSettings) -> None:

@@ -1,7 +1,7 @@
 """PNG plots of a bench (matplotlib's Agg renderer through ``Figure``, no pyplot state):
 
-* ``<metric>_vs_prune_rate.png``: metric against pruning rate, one line per method, the full-data
-  level as a horizontal line and zero-shot as a dotted one (the paper's Fig. 1a);
+* ``<metric>_vs_prune_rate.png``: metric against pruning rate, one line per method (and per
+  token_keep below 1: ``staff +tok0.6``), the full-data level as a horizontal line and zero-shot as a dotted one (the paper's Fig. 1a);
 * ``staff_effort_small_vs_target.png``: small vs target effort on the same (verified) samples,
   as distributions and as a scatter (Fig. 4);
 * ``staff_regions_p<rate>.png``: per region its size, budget and samples taken, and V_i
@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from ..io import atomic_path
-from .tables import FULL, METRICS, ZERO_SHOT, methods_in_order, prune_rates_in
+from .tables import FULL, METRICS, ZERO_SHOT, methods_in_order, prune_rates_in, row_label
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +40,8 @@ def _save(fig: Any, path: Path) -> Path:
 
 
 def plot_metric_vs_prune(rows: Sequence[dict[str, Any]], metric: str, path: Path) -> Path:
-    """Mean metric per method against the pruning rate (± std over seeds as error bars)."""
+    """Mean metric per method row (:func:`~speccore.bench.tables.row_label`) against the
+    pruning rate (± std over seeds as error bars)."""
     fig = _figure()
     ax = fig.subplots()
     for method in methods_in_order(rows):
@@ -49,7 +50,7 @@ def plot_metric_vs_prune(rows: Sequence[dict[str, Any]], metric: str, path: Path
             vals = [
                 r[metric]
                 for r in rows
-                if r["method"] == method
+                if row_label(r) == method
                 and math.isclose(float(r["prune_rate"]), p, abs_tol=1e-9)
                 and r.get(metric) is not None
             ]
@@ -57,7 +58,8 @@ def plot_metric_vs_prune(rows: Sequence[dict[str, Any]], metric: str, path: Path
                 xs.append(p)
                 ys.append(float(np.mean(vals)))
                 errs.append(float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0)
-        ax.errorbar(xs, ys, yerr=errs, marker="o", capsize=3, label=method)
+        style = "-." if " +tok" in method else "-"  # token-level variants stand out
+        ax.errorbar(xs, ys, yerr=errs, marker="o", capsize=3, linestyle=style, label=method)
     for ref, style in ((FULL, "--"), (ZERO_SHOT, ":")):
         vals = [r[metric] for r in rows if r["method"] == ref and r.get(metric) is not None]
         if vals:

@@ -22,6 +22,8 @@ def cell_row(record: Mapping[str, Any]) -> dict[str, Any]:
         "method": record["method"],
         "prune_rate": record["prune_rate"],
         "seed": record["seed"],
+        # Cells made before token selection existed trained on every token.
+        "token_keep": None if record["method"] == ZERO_SHOT else record.get("token_keep", 1.0),
         "coreset_size": record["coreset_size"],
         "n_train": record["n_train"],
         "n_eval": m.get("n_eval"),
@@ -34,6 +36,9 @@ def cell_row(record: Mapping[str, Any]) -> dict[str, Any]:
         "eval_s": record.get("eval_seconds"),
         "agreement": sel.get("agreement"),
         "rand_index": sel.get("rand_index"),
+        "kept_token_fraction": None
+        if record["method"] == ZERO_SHOT
+        else record.get("kept_token_fraction", 1.0),
     }
     for stage, seconds in (sel.get("timings") or {}).items():
         row[stage_column(stage)] = seconds
@@ -44,11 +49,18 @@ def collect_rows(
     cells: Mapping[str, Mapping[str, Any]], methods: list[str] | None = None
 ) -> list[dict[str, Any]]:
     """Rows of every cell: zero-shot, full data, then methods (in ``methods`` order, others
-    after), pruning rate, seed."""
+    after; per method all tokens first, then decreasing token_keep), pruning rate, seed."""
     order = {m: i for i, m in enumerate([ZERO_SHOT, FULL, *(methods or [])])}
 
-    def key(r: dict[str, Any]) -> tuple[int, str, float, int]:
-        return (order.get(r["method"], len(order)), r["method"], r["prune_rate"], r["seed"] or 0)
+    def key(r: dict[str, Any]) -> tuple[int, str, float, float, int]:
+        keep = -(r["token_keep"] if r["token_keep"] is not None else 1.0)
+        return (
+            order.get(r["method"], len(order)),
+            r["method"],
+            keep,
+            r["prune_rate"],
+            r["seed"] or 0,
+        )
 
     return sorted((cell_row(c) for c in cells.values()), key=key)
 

@@ -1,5 +1,6 @@
-"""The bench loop: for every (method, pruning rate, seed) select, fine-tune the target, generate,
-score; one JSON per finished cell, so an interrupted bench resumes where it stopped.
+"""The bench loop: for every (method, pruning rate, seed, token_keep) select, fine-tune the
+target, generate, score; one JSON per finished cell, so an interrupted bench resumes where it
+stopped.
 
 Cells run seed by seed (all methods and rates of seed 0 first), so a partial bench already
 holds comparable rows. The target is loaded once; each cell attaches a fresh seeded LoRA to it
@@ -7,6 +8,11 @@ and detaches it afterwards (without merging), so the base weights every cell sta
 the pretrained ones. Selections go through :func:`speccore.select` with one cache in the bench
 folder: the small model's adapter and scores, the tuned target of the baselines and verified
 target scores are computed once and reused by every later cell that needs them.
+
+A cell with ``token_keep < 1`` makes the same sample selection as its sample-level twin (from
+the cache), then keeps the top ``token_keep`` of each row's response tokens; the target trains
+with the other tokens' labels set to -100. ``token_keep`` 1.0 is the sample-level code path
+itself, untouched, so its cells are bit for bit those of a bench without token selection.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ if TYPE_CHECKING:
     from ..data.tokenized import TokenizedData
     from ..models import LoadedModel
     from ..selection import Selection
+    from ..tokens import TokenSelection
 
 logger = logging.getLogger(__name__)
 
@@ -47,30 +54,35 @@ ZERO_SHOT = "zero-shot"
 @dataclass(frozen=True)
 class Cell:
     """One bench row: a method at a pruning rate with a seed (``full``: p = 0; ``zero-shot``:
-    no fine-tuning, no seed)."""
+    no fine-tuning, no seed), training on ``token_keep`` of the coreset's response tokens."""
 
     method: str
     prune_rate: float = 0.0
     seed: int | None = None
+    token_keep: float = 1.0
 
     @property
     def name(self) -> str:
+        """``staff_p0.9_s0``; a token cell adds ``_tok0.6``. Sample-level cells keep the names
+        they had before token selection existed, so their finished files stay valid."""
         if self.method == ZERO_SHOT:
             return ZERO_SHOT
         if self.method == FULL:
             return f"{FULL}_s{self.seed}"
-        return f"{self.method}_p{self.prune_rate:g}_s{self.seed}"
+        name = f"{self.method}_p{self.prune_rate:g}_s{self.seed}"
+        return name if self.token_keep >= 1 else f"{name}_tok{self.token_keep:g}"
 
 
 def plan_cells(cfg: BenchConfig) -> list[Cell]:
     """Every cell of the bench in run order: zero-shot, then per seed full data and each
-    (pruning rate, method)."""
+    (pruning rate, method, token_keep)."""
     cells = [Cell(ZERO_SHOT)] if cfg.zero_shot else []
     for seed in cfg.seeds:
         if cfg.full:
             cells.append(Cell(FULL, 0.0, seed))
         for p in cfg.prune_rates:
-            cells += [Cell(m, p, seed) for m in cfg.methods]
+            for m in cfg.methods:
+                cells += [Cell(m, p, seed, k) for k in cfg.token_keeps_for(m)]
     return cells
 
 
@@ -124,6 +136,7 @@ class BenchRunner:
         self.folder = cfg.folder
         self.settings = cfg.settings_dict()
         self.settings_fp = fingerprint(self.settings)
+        self.token_settings = cfg.token_settings()
         self._data: BenchData | None = None
         self._loaded: LoadedModel | None = None
         self._base: Any = None
@@ -135,7 +148,7 @@ class BenchRunner:
     def run(self, plots: bool = True) -> BenchResult:
         self.folder.mkdir(parents=True, exist_ok=True)
         done = load_cells(self.folder)
-        check_settings(done, self.settings, self.folder)
+        check_settings(done, self.settings, self.folder, self.token_settings)
         write_json(
             self.folder / "bench_config.json", {"settings": self.settings, **_plan(self.cfg)}
         )
@@ -159,9 +172,11 @@ class BenchRunner:
     def run_cell(self, cell: Cell) -> dict[str, Any]:
         """Select (unless full or zero-shot), fine-tune, generate and score one cell."""
         logger.info("cell %s", cell.name)
-        selection = self.select(cell) if cell.method not in (FULL, ZERO_SHOT) else None
+        selection, tokens = None, None
+        if cell.method not in (FULL, ZERO_SHOT):
+            selection, tokens = self.select(cell)
         indices = np.arange(len(self.data.train)) if selection is None else selection.indices
-        run = self.predict(cell, indices)
+        run = self.predict(cell, indices, tokens)
         start = time.perf_counter()
         metrics = evaluate(run.predictions, self.data.references, self.cfg.metrics)
         per_sample = metrics.pop("rougeL_per_sample")
@@ -170,10 +185,14 @@ class BenchRunner:
             "method": cell.method,
             "prune_rate": cell.prune_rate,
             "seed": cell.seed,
+            "token_keep": cell.token_keep,
             "n_train": len(self.data.train),
             "coreset_size": 0 if cell.method == ZERO_SHOT else len(indices),
             "metrics": metrics,
             "selection": None if selection is None else selection_summary(selection),
+            # Share of the coreset's response tokens trained on (None: no fine-tune).
+            "kept_token_fraction": _kept_token_fraction(cell, selection),
+            "tokens": None if selection is None else selection.info.get("tokens"),
             "train": run.train_stats,
             "train_seconds": run.train_seconds,
             "eval_seconds": run.generate_seconds + time.perf_counter() - start,
@@ -181,24 +200,35 @@ class BenchRunner:
             "rougeL_per_sample": per_sample,
             "settings_fp": self.settings_fp,
             "settings": self.settings,
+            **({"token_settings": self.token_settings} if cell.token_keep < 1 else {}),
             "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
         _log_cell(record)
         return record
 
-    def select(self, cell: Cell) -> Selection:
-        from ..pipeline import select
+    def select(self, cell: Cell) -> tuple[Selection, TokenSelection | None]:
+        """The cell's coreset, and its token masks when ``cell.token_keep < 1``."""
+        from ..pipeline import select_with_tokens
 
         assert cell.seed is not None
-        selection = select(self.cfg.select_config(cell.method, cell.prune_rate, cell.seed))
+        cfg = self.cfg.select_config(cell.method, cell.prune_rate, cell.seed, cell.token_keep)
+        selection, tokens = select_with_tokens(cfg)
+        if (tokens is not None) != (cell.token_keep < 1):
+            raise RuntimeError(f"cell {cell.name}: token masks do not match its token_keep")
         # Written before the cell's result: a cell JSON never points at a missing selection.
-        selection.save(self.folder / "selections" / f"{cell.name}.json")
-        return selection
+        folder = self.folder / "selections"
+        selection.save(folder / f"{cell.name}.json")
+        if tokens is not None:
+            tokens.save(folder / f"{cell.name}_tokens")
+        return selection, tokens
 
-    def predict(self, cell: Cell, indices: np.ndarray) -> CellRun:
+    def predict(
+        self, cell: Cell, indices: np.ndarray, tokens: TokenSelection | None = None
+    ) -> CellRun:
         """Zero-shot: generate with the base model. Otherwise a fresh LoRA (seeded with the
-        cell's seed) on the target, tuned on the rows at ``indices``, then generation; the LoRA
-        is detached afterwards, whatever happens."""
+        cell's seed) on the target, tuned on the rows at ``indices`` (with ``tokens``' masks:
+        dropped tokens get label -100), then generation; the LoRA is detached afterwards,
+        whatever happens."""
         from ..models import attach_lora, detach_lora
         from ..train import finetune
 
@@ -208,12 +238,13 @@ class BenchRunner:
             return CellRun(predictions, {}, None, time.perf_counter() - start)
         assert cell.seed is not None
         settings = TrainSettings(**{**vars(self.cfg.finetune), "seed": cell.seed})
+        data = self.train_data(indices, tokens)
         start = time.perf_counter()
         peft = attach_lora(self.base, self.cfg.lora, seed=cell.seed)
         try:
             stats = finetune(
                 peft,
-                self.train_tokens.subset(indices),
+                data,
                 settings,
                 max_batch_tokens=self.cfg.max_batch_tokens,
                 desc=f"fine-tune target ({cell.name})",
@@ -223,6 +254,23 @@ class BenchRunner:
         finally:
             self._base = detach_lora(peft)
         return CellRun(predictions, stats, trained - start, time.perf_counter() - trained)
+
+    def train_data(self, indices: np.ndarray, tokens: TokenSelection | None) -> TokenizedData:
+        """The target's tokenised rows at ``indices``; with ``tokens``, carrying its masks.
+
+        The masks were made on the selection's own tokenisation of the same rows by the same
+        target tokenizer; attaching checks every mask against its row's length.
+        """
+        if tokens is None:
+            return self.train_tokens.subset(indices)
+        if not np.array_equal(tokens.indices, indices):
+            raise RuntimeError("token masks cover other rows than the coreset")
+        data = tokens.attach(self.train_tokens)
+        logger.info(
+            "fine-tuning on %.1f%% of the coreset's response tokens",
+            100 * float(tokens.info.get("kept_fraction", 1.0)),
+        )
+        return data
 
     def generate(self, model: Any, cell: Cell) -> list[str]:
         g = self.cfg.generation
@@ -368,10 +416,14 @@ def load_cells(folder: Path) -> dict[str, dict[str, Any]]:
 
 
 def check_settings(
-    cells: dict[str, dict[str, Any]], settings: dict[str, Any], folder: Path
+    cells: dict[str, dict[str, Any]],
+    settings: dict[str, Any],
+    folder: Path,
+    token_settings: dict[str, Any] | None = None,
 ) -> None:
     """Refuse to mix cells of other settings (another epoch count, data, model...) into one
-    table; name what changed."""
+    table; name what changed. Token cells (token_keep < 1) must also match ``token_settings``
+    (the scorer, cross-fitting and ranking of their masks)."""
     fp = fingerprint(settings)
     for name, record in cells.items():
         if record.get("settings_fp") == fp:
@@ -382,6 +434,18 @@ def check_settings(
             f"{', '.join(changed[:6]) or 'unknown'}); use another `out` folder, or delete "
             f"{folder / 'cells'} to start over"
         )
+    if token_settings is None:
+        return
+    for name, record in cells.items():
+        if float(record.get("token_keep", 1.0)) >= 1:
+            continue
+        changed = sorted(_diff(record.get("token_settings", {}), token_settings))
+        if changed:
+            raise ConfigError(
+                f"bench folder {folder} holds token cell {name} made with other token settings "
+                f"(changed: {', '.join(changed)}); use another `out` folder, or delete the "
+                f"cells named *_tok* in {folder / 'cells'} to rerun them"
+            )
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -403,6 +467,8 @@ def _plan(cfg: BenchConfig) -> dict[str, Any]:
         "methods": cfg.methods,
         "prune_rates": cfg.prune_rates,
         "seeds": cfg.seeds,
+        "token_keeps": cfg.token_keeps,
+        "token_methods": cfg.token_methods,
         "full": cfg.full,
         "zero_shot": cfg.zero_shot,
     }
@@ -475,6 +541,14 @@ def rand_index(small: np.ndarray, target: np.ndarray, regions: int) -> float | N
     return float(rand_score(a, b))
 
 
+def _kept_token_fraction(cell: Cell, selection: Selection | None) -> float | None:
+    """Share of the training rows' response tokens the cell's fine-tune used."""
+    if cell.method == ZERO_SHOT:
+        return None
+    tokens = None if selection is None else selection.info.get("tokens")
+    return 1.0 if not tokens else float(tokens["kept_fraction"])
+
+
 def _log_cell(record: dict[str, Any]) -> None:
     m = record["metrics"]
     sel = record["selection"] or {}
@@ -490,6 +564,13 @@ def _log_cell(record: dict[str, Any]) -> None:
         record["train_seconds"] or 0.0,
         record["eval_seconds"],
     )
+    if float(record.get("token_keep", 1.0)) < 1:
+        logger.info(
+            "cell %s: trained on %.1f%% of the coreset's response tokens (token_keep %g)",
+            record["name"],
+            100 * record["kept_token_fraction"],
+            record["token_keep"],
+        )
 
 
 def report_only(config: BenchConfig | str | Path, *, plots: bool = True) -> list[Path]:
@@ -498,5 +579,5 @@ def report_only(config: BenchConfig | str | Path, *, plots: bool = True) -> list
     cells = load_cells(cfg.folder)
     if not cells:
         raise ConfigError(f"no finished cells in {cfg.folder / 'cells'}; run the bench first")
-    check_settings(cells, cfg.settings_dict(), cfg.folder)
+    check_settings(cells, cfg.settings_dict(), cfg.folder, cfg.token_settings())
     return write_reports(cfg.folder, cells, plots=plots)

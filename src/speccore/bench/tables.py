@@ -1,6 +1,9 @@
 """``results.csv`` and the Markdown tables: Table-1 style results (method × pruning rate, mean ±
 std over seeds, best in bold, second underlined) and a Table-2 style selection-overhead table.
 
+A method trained on part of the response tokens (``token_keep`` < 1) is a row of its own,
+labelled ``staff +tok0.6``, next to the sample-level ``staff`` row.
+
 Everything here works from the rows of ``results.csv`` alone, so tables can be rebuilt from a
 results file without the cells that made it.
 """
@@ -37,6 +40,9 @@ BASE_COLUMNS = [
     "select_s",
 ]
 TAIL_COLUMNS = ["train_s", "eval_s", "agreement", "rand_index"]
+# Written when the rows have them (every bench row does; a results.csv from before token
+# selection does not, and reads and writes back unchanged).
+TOKEN_COLUMNS = {"token_keep": "prune_rate", "kept_token_fraction": "rand_index"}
 STAGE_PREFIX, STAGE_SUFFIX = "sel_", "_s"
 _TEXT_COLUMNS = {"method"}
 
@@ -59,9 +65,14 @@ def stage_label(column: str) -> str:
 
 def columns_for(rows: Sequence[dict[str, Any]]) -> list[str]:
     """Fixed columns, then every stage column any row has (in order of first appearance,
-    which is the order the stages ran in), then the tail."""
+    which is the order the stages ran in), then the tail; ``token_keep`` after
+    ``prune_rate`` and ``kept_token_fraction`` last, when the rows have them."""
     stages = dict.fromkeys(k for r in rows for k in r if k.startswith(STAGE_PREFIX))
-    return BASE_COLUMNS + list(stages) + TAIL_COLUMNS
+    columns = BASE_COLUMNS + list(stages) + TAIL_COLUMNS
+    for column, after in TOKEN_COLUMNS.items():
+        if any(column in r for r in rows):
+            columns.insert(columns.index(after) + 1, column)
+    return columns
 
 
 def write_results_csv(path: Path, rows: Sequence[dict[str, Any]]) -> None:
@@ -119,12 +130,21 @@ def render_tables(rows: Sequence[dict[str, Any]], title: str = "Bench results") 
     return "\n".join(parts)
 
 
+def row_label(row: dict[str, Any]) -> str:
+    """The method row a result belongs to: its method, plus ``+tok<keep>`` when it trained on
+    part of the response tokens (``staff +tok0.6``)."""
+    keep = row.get("token_keep")
+    if keep is None or float(keep) >= 1:
+        return str(row["method"])
+    return f"{row['method']} +tok{float(keep):g}"
+
+
 def methods_in_order(rows: Iterable[dict[str, Any]]) -> list[str]:
-    """Selection methods in order of first appearance, reference rows left out."""
+    """Method rows (:func:`row_label`) in order of first appearance, reference rows left out."""
     seen: dict[str, None] = {}
     for r in rows:
         if r["method"] not in REFERENCE_LABELS:
-            seen.setdefault(r["method"], None)
+            seen.setdefault(row_label(r), None)
     return list(seen)
 
 
@@ -162,11 +182,12 @@ def _table1_note(n_seeds: int) -> str:
     )
 
 
-def _cell_rows(rows: Sequence[dict[str, Any]], method: str, rate: float) -> list[dict[str, Any]]:
+def _cell_rows(rows: Sequence[dict[str, Any]], label: str, rate: float) -> list[dict[str, Any]]:
+    """The rows (one per seed) of method row ``label`` at pruning rate ``rate``."""
     return [
         r
         for r in rows
-        if r["method"] == method and math.isclose(float(r["prune_rate"]), rate, abs_tol=1e-9)
+        if row_label(r) == label and math.isclose(float(r["prune_rate"]), rate, abs_tol=1e-9)
     ]
 
 
@@ -227,7 +248,14 @@ def agreement_table(rows: Sequence[dict[str, Any]]) -> str:
         return ""
     lines = [_md_row(["p", "Spearman", "Rand index", "seeds"]), _md_row(["---"] * 4)]
     for p in prune_rates_in(staff):
-        group = _cell_rows(staff, "staff", p)
+        # STAFF's token cells repeat the sample selection (and its agreement) of their seed:
+        # one row per seed.
+        by_seed = {
+            r["seed"]: r
+            for r in reversed(staff)
+            if math.isclose(float(r["prune_rate"]), p, abs_tol=1e-9)
+        }
+        group = list(by_seed.values())
         rho, rand = _mean(r["agreement"] for r in group), _mean(r.get("rand_index") for r in group)
         lines.append(
             _md_row(
@@ -256,7 +284,7 @@ def overhead_table(rows: Sequence[dict[str, Any]]) -> str:
     lines = [_md_row(header), _md_row(["---"] * len(header))]
     order = [m for m in REFERENCE_LABELS if any(r["method"] == m for r in rows)]
     for method in order + methods_in_order(rows):
-        group = [r for r in rows if r["method"] == method]
+        group = [r for r in rows if row_label(r) == method]
         cold = max(group, key=lambda r: r.get("select_s") or 0.0)
         selected = method not in REFERENCE_LABELS
         stage_cells = [_num(cold.get(c), 1) if selected else "—" for c in stages]
