@@ -11,13 +11,17 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from speccore.data.tokenized import TokenizedData, collate
+from speccore.scoring import losses
 from speccore.scoring.embeddings import embedding_batch
 from speccore.scoring.losses import (
+    accepts_logits_to_keep,
     el2n_batch,
     eval_mode,
     forward,
     loss_batch,
     position_ids,
+    response_logits,
+    response_window,
     sample_losses,
     token_losses,
 )
@@ -166,3 +170,129 @@ def test_scorers_restore_the_models_mode() -> None:
     for fn in (loss_batch, el2n_batch, embedding_batch):
         fn(model, batch)
         assert all(m.training for m in model.modules())
+
+
+# --- logits only over the response window ---------------------------------------------------
+
+MIXED_LENGTHS = [24, 6, 20, 10, 3]
+MIXED_PROMPTS = [18, 3, 15, 4, 2]  # long and short prompts in one batch
+
+
+def mixed_data(seed: int = 0) -> TokenizedData:
+    rng = np.random.default_rng(seed)
+    ids = [rng.integers(1, VOCAB, n).tolist() for n in MIXED_LENGTHS]
+    labels = [[-100] * p + x[p:] for p, x in zip(MIXED_PROMPTS, ids, strict=True)]
+    return TokenizedData(input_ids=ids, labels=labels, pad_token_id=0)
+
+
+def lm_head_lengths(model: nn.Module) -> list[int]:
+    """How many positions each later call of the lm_head sees (a hook on this test's model)."""
+    seen: list[int] = []
+    head = model.get_output_embeddings()
+    head.register_forward_hook(lambda _m, args, _out: seen.append(args[0].shape[1]))
+    return seen
+
+
+def test_response_window() -> None:
+    i = -100
+    # Right padding: the first counted label is at column 3, so logits from column 2 on.
+    right = torch.tensor([[i, i, i, 7, 7, i], [i, i, i, i, 7, 7]])
+    assert response_window(right) == 6 - 2
+    # Left padding: row 0's response starts at column 4, row 1's at 5: the earlier one decides.
+    left = torch.tensor([[i, i, i, i, 7, 7], [i, i, i, i, i, 7]])
+    assert response_window(left) == 6 - 3
+    assert response_window(torch.tensor([[5, 7, 7], [5, 7, 7]])) == 3  # all counted: every row
+    assert response_window(torch.full((2, 4), i)) == 1  # nothing counted: one (unused) position
+    # A counted label in column 0 has no predicting logit and does not widen the window.
+    assert response_window(torch.tensor([[7, i, i, 7]])) == 2
+    assert response_window(torch.tensor([[7]])) == 1
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_response_logits_give_the_full_token_losses(side: str) -> None:
+    model = tiny_model(seed=5)
+    batch = collate(mixed_data(seed=5), range(len(MIXED_LENGTHS)), side)
+    length = batch["labels"].shape[1]
+    full_ce, full_mask = token_losses(logits_of(model, batch), batch["labels"])
+    seen = lm_head_lengths(model)
+    with torch.no_grad(), eval_mode(model):
+        logits, labels = response_logits(model, batch)
+    keep = response_window(batch["labels"])
+    assert keep < length and seen == [keep]  # the lm_head really ran on the window only
+    assert logits.shape[1] == keep and torch.equal(labels, batch["labels"][:, length - keep :])
+    ce, mask = token_losses(logits, labels)
+    # Nothing is counted left of the window; inside it, the same losses.
+    assert not full_mask[:, : length - keep].any()
+    assert torch.equal(mask, full_mask[:, length - keep :])
+    torch.testing.assert_close(ce, full_ce[:, length - keep :], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("score", [loss_batch, el2n_batch])
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_windowed_scores_equal_full_logit_scores(
+    score, side: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = tiny_model(seed=6)
+    data = mixed_data(seed=6)
+    data.labels[3] = [-100] * len(data.labels[3])  # and a sample with nothing to score
+    batch = collate(data, range(len(MIXED_LENGTHS)), side)
+    seen = lm_head_lengths(model)
+    windowed = score(model, batch)
+    monkeypatch.setattr(losses, "LOGITS_WINDOW", False)
+    full = score(model, batch)
+    assert seen[0] < seen[1] == batch["labels"].shape[1]
+    assert windowed.isnan().tolist() == full.isnan().tolist() == [False, False, False, True, False]
+    torch.testing.assert_close(windowed, full, rtol=1e-6, atol=0.0, equal_nan=True)
+
+
+def test_a_model_without_logits_to_keep_gets_full_logits() -> None:
+    """A forward that does not name logits_to_keep (a **kwargs catch-all is not enough)."""
+
+    class Wrapper(nn.Module):
+        def __init__(self, inner: nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, **kwargs: object) -> object:
+            assert "logits_to_keep" not in kwargs
+            return self.inner(**kwargs)
+
+    model = tiny_model(seed=7)
+    wrapped = Wrapper(model)
+    assert accepts_logits_to_keep(model) and not accepts_logits_to_keep(wrapped)
+    batch = collate(mixed_data(seed=7), range(len(MIXED_LENGTHS)), "left")
+    with torch.no_grad(), eval_mode(model):
+        logits, labels = response_logits(wrapped, batch)
+    keep = response_window(batch["labels"])
+    assert logits.shape[1] == labels.shape[1] == keep  # sliced after the fact
+    for score in (loss_batch, el2n_batch):
+        torch.testing.assert_close(score(wrapped, batch), score(model, batch), rtol=1e-6, atol=0.0)
+
+
+def test_embeddings_skip_the_lm_head(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = tiny_model(seed=8)
+    batch = collate(mixed_data(seed=8), range(len(MIXED_LENGTHS)), "left")
+    seen = lm_head_lengths(model)
+    fast = embedding_batch(model, batch)
+    monkeypatch.setattr(losses, "LOGITS_WINDOW", False)
+    full = embedding_batch(model, batch)
+    assert seen == [1, batch["labels"].shape[1]]
+    torch.testing.assert_close(fast, full, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_gemma3_window_equals_full_logits(side: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The target family: sliding-window attention and soft-capped logits, sliced the same way."""
+    from speccore.models import tiny_causal_lm
+
+    base = tiny_causal_lm(VOCAB, arch="gemma3", seed=9)
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]))
+    assert accepts_logits_to_keep(model)
+    batch = collate(mixed_data(seed=9), range(len(MIXED_LENGTHS)), side)
+    seen = lm_head_lengths(model)
+    windowed = [loss_batch(model, batch), el2n_batch(model, batch)]
+    monkeypatch.setattr(losses, "LOGITS_WINDOW", False)
+    full = [loss_batch(model, batch), el2n_batch(model, batch)]
+    assert seen[0] < seen[-1] == batch["labels"].shape[1]
+    for a, b in zip(windowed, full, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=0.0)

@@ -14,7 +14,9 @@ from speccore.config import LoraSettings, TrainSettings
 from speccore.data.tokenized import IGNORE_INDEX, TokenizedData, collate
 from speccore.errors import ConfigError, ModelError
 from speccore.models import adapter_fingerprint, attach_lora, tiny_causal_lm, tiny_tokenizer
+from speccore.scoring import losses
 from speccore.train import finetune, lr_factor, plan_steps, warmup_steps
+from speccore.train.lora import _loss_sum
 
 PAIRS = [
     ("Question: capital of France? Answer:", " Paris."),
@@ -192,3 +194,48 @@ def test_zero_epochs_and_bad_settings(data: TokenizedData) -> None:
         finetune(model, data, replace(FAST, warmup_ratio=1.5))
     with pytest.raises(ModelError, match="no trainable parameters"):
         finetune(tiny_causal_lm(400).requires_grad_(False), data, FAST)
+
+
+def test_logits_over_the_response_window_learn_the_same(
+    data: TokenizedData, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Training computes logits only over each batch's response window: same adapter as full."""
+    windowed, full = _peft(dropout=0.1), _peft(dropout=0.1)
+    tokens: list[int] = []  # per forward pass: the batch length, and the lm_head's positions
+    head_tokens: list[int] = []
+    embed, head = windowed.get_input_embeddings(), windowed.get_output_embeddings()
+    embed.register_forward_hook(lambda _m, args, _out: tokens.append(args[0].shape[1]))
+    head.register_forward_hook(lambda _m, args, _out: head_tokens.append(args[0].shape[1]))
+    s1 = finetune(windowed, data, replace(FAST, batch_size=3))
+    assert len(tokens) == len(head_tokens) > 0
+    assert all(h < t for h, t in zip(head_tokens, tokens, strict=True))
+    monkeypatch.setattr(losses, "LOGITS_WINDOW", False)
+    s2 = finetune(full, data, replace(FAST, batch_size=3))
+    assert s1["steps"] == s2["steps"]
+    assert math.isclose(s1["final_loss"], s2["final_loss"], rel_tol=1e-5)
+    a, b = _lora_state(windowed), _lora_state(full)
+    assert all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6) for k in a)
+
+
+def test_loss_sum_over_the_window_equals_the_full_loss_sum(
+    data: TokenizedData, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One batch with right padding: the windowed loss and its LoRA gradients match full logits."""
+    model = _peft()
+    with torch.no_grad():  # a non-zero B, so that the A matrices get a gradient too
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    batch = collate(data, range(len(data)))
+    results = []
+    for window in (True, False):
+        monkeypatch.setattr(losses, "LOGITS_WINDOW", window)
+        model.zero_grad(set_to_none=True)
+        loss = _loss_sum(model, batch)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((float(loss.detach()), grads))
+    (l1, g1), (l2, g2) = results
+    assert math.isclose(l1, l2, rel_tol=1e-6)
+    assert g1.keys() == g2.keys() and g1
+    assert all(torch.allclose(g1[k], g2[k], rtol=1e-5, atol=1e-7) for k in g1)

@@ -32,7 +32,7 @@ from torch.utils.hooks import RemovableHandle
 
 from ..data.tokenized import IGNORE_INDEX
 from ..errors import ModelError
-from .losses import eval_mode, forward, token_losses
+from .losses import eval_mode, forward, kept_positions, response_logits, token_losses
 
 _NO_LORA = (
     "effort needs a model with active LoRA adapters: wrap it with peft.get_peft_model "
@@ -52,14 +52,15 @@ def effort_batch(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
         raise ModelError(_NO_LORA)
     labels = batch["labels"]
     counts = (labels[:, 1:] != IGNORE_INDEX).sum(-1)
-    tracker = _Tracker(valid=batch["attention_mask"].bool(), shape=tuple(labels.shape))
+    keep = kept_positions(labels)  # logits only over the response window
+    tracker = _Tracker(valid=batch["attention_mask"].bool(), shape=tuple(labels.shape), keep=keep)
     handles: list[RemovableHandle] = []
     try:
         with torch.inference_mode(False), torch.enable_grad(), eval_mode(model):
             for pair in pairs:
                 handles += tracker.attach(pair)
-            logits = forward(model, batch).logits
-            loss = _summed_mean_loss(logits, labels, counts)
+            logits, window_labels = response_logits(model, batch, keep)
+            loss = _summed_mean_loss(logits, window_labels, counts)
             del logits
             hs = tracker.grad_inputs()
             if hs and loss.requires_grad:
@@ -79,7 +80,9 @@ def effort_reference(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
     """The same score as :func:`effort_batch`, one sample at a time, by plain autograd.
 
     Each sample is stripped of its padding, run alone, and its mean response loss differentiated
-    w.r.t. every active LoRA parameter. Slow; meant for tests and benchmarks. Float64 on the CPU.
+    w.r.t. every active LoRA parameter. Logits are computed at every position (no response
+    window), so the batched path is checked against the plain computation. Slow; meant for tests
+    and benchmarks. Float64 on the CPU.
     """
     params = [p for pair in _lora_pairs(model) for p in pair.params()]
     if not params:
@@ -107,6 +110,7 @@ def _one_sample_effort(
         "attention_mask": batch["attention_mask"][d][keep][None],
         "labels": batch["labels"][d][keep][None],
     }
+    # Full logits on purpose (not response_logits): the reference stays the obvious computation.
     ce, mask = token_losses(forward(model, row).logits, row["labels"])
     if not mask.any():
         return float("nan")
@@ -187,11 +191,13 @@ class _Tracker:
 
     valid: Tensor  # [B, T] bool: real (non-padding) positions
     shape: tuple[int, ...]  # (B, T)
+    # Trailing positions whose logits are computed: a LoRA layer on the lm_head sees only these.
+    keep: int | None = None
     calls: list[_Call] = field(default_factory=list)
     n_calls: dict[int, int] = field(default_factory=dict)
     sq: Tensor | None = None  # running sum of squared norms, [B] float64
     shared: dict[tuple[int, str], Tensor] = field(default_factory=dict)
-    masks: dict[tuple[torch.device, torch.dtype], Tensor] = field(default_factory=dict)
+    masks: dict[tuple[torch.device, torch.dtype, int], Tensor] = field(default_factory=dict)
 
     def attach(self, pair: _LoraPair) -> list[RemovableHandle]:
         key = len(self.n_calls)
@@ -212,7 +218,11 @@ class _Tracker:
         return [c.h for c in self.calls if c.h is not None and c.h.requires_grad]
 
     def _on_a(self, key: int, x: Tensor, h: Tensor) -> Tensor:
-        if x.dim() != 3 or tuple(x.shape[:2]) != self.shape:
+        batch, length = self.shape
+        # [B, keep] is a layer after the logits_to_keep slice (LoRA on the lm_head): its
+        # positions are the last `keep` ones, which _mask aligns by taking the trailing columns.
+        lengths = {length} if self.keep is None else {length, self.keep}
+        if x.dim() != 3 or x.shape[0] != batch or x.shape[1] not in lengths:
             raise ModelError(
                 f"a LoRA layer saw input of shape {tuple(x.shape)}, not [batch, tokens, features] "
                 f"{self.shape}; effort cannot split its gradient per sample"
@@ -276,10 +286,16 @@ class _Tracker:
         self.masks.clear()
 
     def _mask(self, like: Tensor) -> Tensor:
-        """The [B, T] real-position mask in ``like``'s dtype and device (made once per kind)."""
-        kind = (like.device, like.dtype)
+        """The real-position mask ``[B, L]`` for ``like`` (``[B, L, ...]``), in its dtype and device.
+
+        ``L`` is ``T``, or ``keep`` for a layer past the logits slice: then the last ``keep``
+        columns. Made once per kind.
+        """
+        length = like.shape[1]
+        kind = (like.device, like.dtype, length)
         if kind not in self.masks:
-            self.masks[kind] = self.valid.to(device=like.device, dtype=like.dtype)
+            valid = self.valid[:, self.valid.shape[1] - length :]
+            self.masks[kind] = valid.to(device=like.device, dtype=like.dtype)
         return self.masks[kind]
 
     def _masked(self, t: Tensor) -> Tensor:

@@ -7,7 +7,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..data.tokenized import IGNORE_INDEX
-from .losses import as_output, eval_mode, forward
+from . import losses
+from .losses import accepts_logits_to_keep, as_output, eval_mode, forward
 
 
 def embedding_batch(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
@@ -16,8 +17,13 @@ def embedding_batch(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
     Response positions are those whose label is not ``-100`` (no shift: the hidden state *at* a
     response token). A sample without response tokens gets a zero row. On the CPU.
     """
+    # Only hidden states are needed: one logit position instead of T skips almost all of the
+    # lm_head, the costliest layer of a large-vocabulary model. hidden_states are not sliced.
+    skip = losses.LOGITS_WINDOW and accepts_logits_to_keep(model)
+    skip_head = {"logits_to_keep": 1} if skip else {}
     with torch.inference_mode(), eval_mode(model):
-        hidden = forward(model, batch, output_hidden_states=True).hidden_states[-1].float()
+        out = forward(model, batch, output_hidden_states=True, **skip_head)
+        hidden = out.hidden_states[-1].float()
         mask = (batch["labels"] != IGNORE_INDEX).to(hidden.device, hidden.dtype)
         summed = torch.einsum("bth,bt->bh", hidden, mask)
         mean = summed / mask.sum(-1, keepdim=True).clamp(min=1)

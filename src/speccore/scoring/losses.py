@@ -8,12 +8,16 @@ Conventions used throughout :mod:`speccore.scoring`:
   ``logits[:, :-1]`` are compared with ``labels[:, 1:]``;
 * a sample's loss is the mean cross-entropy over its counted (response) tokens; a sample with no
   counted token gets ``nan`` so that the runner reports it instead of scoring it 0;
-* scores come back as float64 tensors on the CPU, one per sample.
+* scores come back as float64 tensors on the CPU, one per sample;
+* logits are computed only where a loss needs them (:func:`response_logits`): with a large
+  vocabulary the ``lm_head`` costs more than the rest of the network per position, and the prompt
+  (whose logits no loss reads) is usually most of the sequence.
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Iterator
 from typing import Any
 
@@ -22,6 +26,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..data.tokenized import IGNORE_INDEX
+
+#: Compute logits only over the response window (see :func:`response_logits`). Set to False to
+#: get logits at every position everywhere (tests that compare both paths, benchmarks, or a model
+#: whose ``logits_to_keep`` misbehaves); the scores are the same up to float rounding.
+LOGITS_WINDOW = True
 
 
 @contextlib.contextmanager
@@ -69,6 +78,79 @@ def forward(model: nn.Module, batch: dict[str, Tensor], **kwargs: Any) -> Any:
     )
 
 
+def response_window(labels: Tensor) -> int:
+    """How many trailing positions hold every logit that a loss over ``labels`` reads: ``N``.
+
+    The logits at position ``t`` predict label ``t + 1``, so the earliest logit needed is at
+    ``s = j - 1``, ``j`` the first column (>= 1) where *any* sample has a counted label; every
+    response token of every sample then lies in the last ``N = T - s`` positions, whatever the
+    padding side (right padding only adds ignored positions at the end, left padding only at the
+    start). Returns ``1 <= N <= T``; 1 when nothing counts at all (no logit is needed, but
+    ``logits_to_keep=0`` would mean "all").
+    """
+    length = labels.shape[-1]
+    if length < 2:  # no label has a predicting logit
+        return length
+    counted = (labels[:, 1:] != IGNORE_INDEX).any(0)
+    # The first counted label column (argmax returns the first maximum), or T if none counts;
+    # one host sync for a batch on the GPU.
+    first = torch.where(counted.any(), counted.int().argmax() + 1, length)
+    return length - int(first) + 1
+
+
+_TAKES_LOGITS_TO_KEEP: dict[type, bool] = {}  # model class -> its forward names the argument
+
+
+def accepts_logits_to_keep(model: nn.Module) -> bool:
+    """Whether ``model``'s forward takes ``logits_to_keep`` (Hugging Face causal LMs do).
+
+    A PEFT wrapper passes unknown keyword arguments through to the base model, so the base
+    model's signature decides. A ``**kwargs`` catch-all does not count: it may hand the argument
+    on to code that does not expect it.
+    """
+    get_base = getattr(model, "get_base_model", None)
+    base: nn.Module = get_base() if callable(get_base) else model
+    cls = type(base)
+    if cls not in _TAKES_LOGITS_TO_KEEP:  # once per class: not a signature inspection per batch
+        try:
+            takes = "logits_to_keep" in inspect.signature(cls.forward).parameters
+        except (TypeError, ValueError):  # a forward without an introspectable signature
+            takes = False
+        _TAKES_LOGITS_TO_KEEP[cls] = takes
+    return _TAKES_LOGITS_TO_KEEP[cls]
+
+
+def kept_positions(labels: Tensor) -> int:
+    """How many trailing positions :func:`response_logits` keeps for ``labels``.
+
+    :func:`response_window` while :data:`LOGITS_WINDOW` is on, else every position ``T``.
+    """
+    return response_window(labels) if LOGITS_WINDOW else labels.shape[-1]
+
+
+def response_logits(
+    model: nn.Module, batch: dict[str, Tensor], keep: int | None = None
+) -> tuple[Tensor, Tensor]:
+    """Logits of the last ``keep`` positions and the matching labels slice ``labels[:, T-keep:]``.
+
+    ``keep`` defaults to :func:`kept_positions` (the response window). ``token_losses`` of the
+    returned pair gives the same per-token losses for every counted token as ``token_losses`` of
+    the full logits and labels, without the ``T - keep`` leading columns, where nothing is
+    counted. The model runs only those positions through its ``lm_head`` when it accepts
+    ``logits_to_keep``; otherwise its full logits are sliced (a view: same result, no saving).
+    """
+    labels = batch["labels"]
+    length = labels.shape[-1]
+    keep = kept_positions(labels) if keep is None else keep
+    if keep < length and accepts_logits_to_keep(model):
+        logits = forward(model, batch, logits_to_keep=keep).logits
+    else:
+        logits = forward(model, batch).logits
+    if logits.shape[1] != keep:
+        logits = logits[:, length - keep :]
+    return logits, labels[:, length - keep :]
+
+
 def token_losses(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
     """Shifted per-token cross-entropy ``[B, T-1]`` (float32) and the mask of counted positions.
 
@@ -97,8 +179,8 @@ def sample_losses(logits: Tensor, labels: Tensor) -> Tensor:
 def loss_batch(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
     """Per-sample mean loss over response tokens, float64 on the CPU, shape ``[B]``."""
     with torch.inference_mode(), eval_mode(model):
-        logits = forward(model, batch).logits
-        losses = sample_losses(logits, batch["labels"])
+        logits, labels = response_logits(model, batch)
+        losses = sample_losses(logits, labels)
     return as_output(losses)
 
 
@@ -112,16 +194,20 @@ def el2n_batch(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
     for a sample with no response token.
     """
     with torch.inference_mode(), eval_mode(model):
-        logits = forward(model, batch).logits
-        labels = batch["labels"]
+        logits, labels = response_logits(model, batch)
         mask = labels[:, 1:] != IGNORE_INDEX
-        # Only the counted positions: a [N, V] softmax rather than [B, T, V].
+        # Only the counted positions: a [N, V] softmax rather than [B, T, V]. Each vocabulary-
+        # wide tensor is dropped as soon as the next one exists, so at most two are alive.
         z = logits[:, :-1][mask].float()
+        del logits
         y = labels[:, 1:][mask]
         p = z.softmax(-1)
+        del z
         p_y = p.gather(-1, y[:, None]).squeeze(-1)
+        # sum(p^2), squaring in place: p is not needed again, and p * p would be another [N, V].
+        p_sq = p.square_().sum(-1)
         # ||p - e_y||^2 = sum(p^2) - 2 p_y + 1; clamp the rounding error below 0.
-        err = ((p * p).sum(-1) - 2 * p_y + 1).clamp(min=0).sqrt()
+        err = (p_sq - 2 * p_y + 1).clamp(min=0).sqrt()
         per_token = torch.zeros(mask.shape, dtype=err.dtype, device=err.device)
         per_token[mask] = err
         el2n = per_token.sum(-1) / _counts(mask)

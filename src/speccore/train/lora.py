@@ -22,6 +22,7 @@ from ..config import TrainSettings
 from ..data.tokenized import IGNORE_INDEX, TokenizedData, collate, length_grouped_batches
 from ..errors import ConfigError, DataError, ModelError
 from ..models.lora import seeded
+from ..scoring.losses import accepts_logits_to_keep, kept_positions
 
 logger = logging.getLogger(__name__)
 
@@ -172,15 +173,30 @@ def _train_step(
 
 
 def _loss_sum(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Summed next-token cross-entropy over the response tokens of one padded batch."""
+    """Summed next-token cross-entropy over the response tokens of one padded batch.
+
+    Logits (and their gradient) are computed only over the response window, the trailing
+    positions that hold every response token of the batch, when the model accepts
+    ``logits_to_keep``: with a large vocabulary the lm_head outweighs the rest of the network.
+    """
+    labels = batch["labels"]
+    length = labels.shape[1]
+    keep = kept_positions(labels)
+    extra = {"logits_to_keep": keep} if keep < length and accepts_logits_to_keep(model) else {}
     logits = model(
-        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        use_cache=False,
+        **extra,
     ).logits
-    targets = batch["labels"][:, 1:]
-    keep = targets != IGNORE_INDEX
+    # The logits at window position t predict labels[:, length - keep + t + 1]; a model without
+    # logits_to_keep returned every position, so align it by slicing (a view).
+    logits = logits[:, logits.shape[1] - keep :]
+    targets = labels[:, length - keep + 1 :]
+    keep_mask = targets != IGNORE_INDEX
     # Only response positions go through the float32 softmax: prompts can be most of a batch.
-    picked = logits[:, :-1][keep].float()
-    return F.cross_entropy(picked, targets[keep], reduction="sum")
+    picked = logits[:, :-1][keep_mask].float()
+    return F.cross_entropy(picked, targets[keep_mask], reduction="sum")
 
 
 def _validate(settings: TrainSettings, max_batch_tokens: int | None) -> None:
