@@ -126,7 +126,7 @@ def test_score_methods_use_their_score_on_the_tuned_target(name, score):
     assert sel.method == name and sel.budget == 3 and sel.n_total == 10 and len(sel) == 3
     np.testing.assert_array_equal(sel.scores, HAND)
     assert provider.calls == Counter({("target_scores", score, True): 1})
-    assert provider.stages == ["target fine-tune + scoring", "selection"]
+    assert provider.stages == ["target setup", "selection"]
     assert sel.timings == {} and sel.config == {}
     # No randomness: another seed gives the same coreset.
     assert get_method(name).select(provider, 3, seed=9).indices.tolist() == [1, 3, 7]
@@ -288,7 +288,7 @@ def test_target_only_hand_worked(seed):
     assert {1, 3, 6} <= kept and len(kept & {0, 2, 4, 5, 7}) == 3 and len(sel) == 6
     assert sel.regions is not None and sel.regions.tolist() == [0, 1, 0, 1, 0, 0, 1, 0]
     assert provider.calls == Counter({("target_scores", "loss", False): 1})
-    assert provider.stages == ["untuned-target scoring", "selection"]
+    assert provider.stages == ["target setup", "selection"]
     assert sel.info["n_regions"] == 2 and sel.info["n_selected"] == 6
 
 
@@ -328,7 +328,7 @@ def test_d2_method(strata):
     assert provider.calls == Counter(
         {("target_scores", "el2n", True): 1, ("target_embeddings",): 1}
     )
-    assert provider.stages == ["target fine-tune + scoring", "tuned-target embeddings", "selection"]
+    assert provider.stages == ["target setup", "target setup", "selection"]
     assert bool(sel.region_table) == (strata is not None)
     # Deterministic: no seed involved.
     np.testing.assert_array_equal(sel.indices, get_method("d2").select(provider, 12, 7).indices)

@@ -22,7 +22,7 @@ from .base import ScoreProvider, Selection, SelectionMethod, register_method
 
 logger = logging.getLogger(__name__)
 
-TARGET_STAGE = "target fine-tune + scoring"
+TARGET_STAGE = "target setup"
 
 
 def check_budget(m: int, n: int) -> None:

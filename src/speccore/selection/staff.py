@@ -290,7 +290,7 @@ class Staff(SelectionMethod):
 
     def select(self, provider: ScoreProvider, budget: int, seed: int) -> Selection:
         cfg = provider.config
-        with provider.stage("small fine-tune + scoring"):
+        with provider.stage("small setup"):
             scores = provider.small_scores()
         verify: VerifyFn | None = None
         if cfg.verification:

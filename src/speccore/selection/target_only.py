@@ -34,7 +34,7 @@ class StaffTargetOnly(SelectionMethod):
 
     def select(self, provider: ScoreProvider, budget: int, seed: int) -> Selection:
         cfg = provider.config
-        with provider.stage("untuned-target scoring"):
+        with provider.stage("target setup"):
             scores = check_scores(provider.target_scores(cfg.score, tuned=False))
         with provider.stage("selection"):
             region_of = equal_width_strata(scores, cfg.regions)
