@@ -83,6 +83,9 @@ def run_select(args: argparse.Namespace) -> int:
     cfg = config_from_args(args, SelectConfig)
     selection = select(cfg)
     if cfg.dry_run:
+        from .dryrun import format_estimate
+
+        print(format_estimate(selection.info["dry_run"]))
         return 0
     print(summary_text(selection))
     if cfg.out:

@@ -119,8 +119,10 @@ class SelectConfig:
     batch_size: int = field(default=8, metadata={"help": "fine-tune batch size (samples)"})
     grad_accum: int = field(default=1, metadata={"help": "gradient accumulation steps"})
     warmup_ratio: float = field(default=0.1, metadata={"help": "warm-up share of the steps"})
+    # 1024 keeps a 262k-vocabulary target (Gemma) under ~7 GB on a CPU box; raise it on a GPU.
     max_batch_tokens: int = field(
-        default=4096, metadata={"help": "scoring batch size in padded tokens"}
+        default=1024,
+        metadata={"help": "batch size in padded tokens (scoring and fine-tune micro-batches)"},
     )
     dtype: str = field(default="auto", metadata={"help": "auto | float32 | bfloat16 | float16"})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
@@ -195,6 +197,10 @@ class SelectConfig:
             raise ConfigError("--small-epochs and --target-epochs must be >= 0")
         if self.engine not in ("local", "ray"):
             raise ConfigError(f"--engine must be local or ray, got {self.engine!r}")
+        if self.engine == "ray":  # fail before any model work, not when scoring starts
+            from .scoring.ray_engine import require_ray
+
+            require_ray()
         if not 0 <= self.ccs_beta < 1:
             raise ConfigError(f"--ccs-beta must be in [0, 1), got {self.ccs_beta}")
         if self.d2_k < 1:

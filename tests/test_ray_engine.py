@@ -1,0 +1,117 @@
+"""--engine ray: the same scores as local scoring, resume by shard, and a clear error without Ray.
+
+One local Ray (2 CPUs, so a pool of one actor) serves the whole module.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import datasets
+import numpy as np
+import pytest
+import torch
+
+from conftest import make_rows
+from speccore import SelectConfig
+from speccore.cache import ScoreCache
+from speccore.errors import ConfigError
+from speccore.provider import ModelSlot
+from speccore.scoring import ray_engine, score_samples
+from speccore.selection.base import StageTimer
+
+N = 24
+
+
+@pytest.fixture(scope="module")
+def ray_cluster() -> Iterator[Any]:
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def slot(model_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> ModelSlot:
+    """The tiny small model with a random (non-zero) adapter, on 24 rows."""
+    cfg = SelectConfig(
+        data="unused",
+        input_field="dialogue",
+        output_field="summary",
+        max_length=64,
+        max_batch_tokens=96,  # several batches, so shards hold more than one
+        engine="ray",
+        device="cpu",
+    )
+    dataset = datasets.Dataset.from_list(make_rows(N))
+    cache = ScoreCache(tmp_path_factory.mktemp("ray-cache"))
+    s = ModelSlot("small", str(model_dirs["small"]), cfg, dataset, StageTimer(), cache)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in s.peft.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+    return s
+
+
+def local(slot: ModelSlot, score: str, indices: np.ndarray | None = None) -> np.ndarray:
+    return score_samples(
+        slot.peft, slot.data, score, indices=indices, max_batch_tokens=slot.cfg.max_batch_tokens
+    )
+
+
+def assert_close(got: np.ndarray, want: np.ndarray) -> None:
+    assert got.shape == want.shape
+    assert np.all(want > 0)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=0)
+
+
+def test_all_samples_match_local_scoring_and_resume_only_missing_shards(
+    ray_cluster: Any, slot: ModelSlot, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    want = local(slot, "effort")
+    got = ray_engine.score_with_ray(slot, "effort", None, shard_samples=6)
+    assert_close(got, want)
+
+    idx = np.arange(N)
+    shards = ray_engine.plan_shards(slot.data, idx, slot.cfg.max_batch_tokens, 6)
+    folder = ray_engine.shard_folder(slot, "effort", idx, slot.cfg.max_batch_tokens, shards)
+    files = sorted(folder.glob("shard-*.npz"))
+    assert len(shards) >= 3 and len(files) == len(shards)
+
+    scored: list[list[int]] = []
+    real = ray_engine.run_shards
+
+    def spy(ray: Any, data: Any, idx: Any, shards: Any, todo: list[int], *rest: Any) -> None:
+        scored.append(list(todo))
+        real(ray, data, idx, shards, todo, *rest)
+
+    monkeypatch.setattr(ray_engine, "run_shards", spy)
+    files[1].unlink()
+    again = ray_engine.score_with_ray(slot, "effort", None, shard_samples=6)
+    assert scored == [[1]]
+    assert files[1].exists()
+    assert_close(again, want)
+    # Nothing missing: no Ray work at all.
+    ray_engine.score_with_ray(slot, "effort", None, shard_samples=6)
+    assert scored == [[1]]
+
+
+def test_subset_of_indices_matches_local_scoring(ray_cluster: Any, slot: ModelSlot) -> None:
+    indices = np.array([17, 3, 9, 3, 22], dtype=np.int64)
+    # Through the provider: _run_scoring dispatches to Ray for engine == "ray".
+    got = slot._run_scoring("loss", indices, None)
+    assert_close(got, local(slot, "loss", indices))
+    assert got[1] == got[3]  # a repeated index gets the same score
+
+
+def test_engine_ray_without_ray_is_a_config_error(
+    slot: ModelSlot, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray → ImportError
+    with pytest.raises(ConfigError, match=r"--engine ray needs Ray: pip install 'speccore\[ray\]'"):
+        slot._run_scoring("effort", None, None)
