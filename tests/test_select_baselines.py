@@ -328,7 +328,7 @@ def test_d2_method(strata):
     assert provider.calls == Counter(
         {("target_scores", "el2n", True): 1, ("target_embeddings",): 1}
     )
-    assert provider.stages == ["target setup", "target setup", "selection"]
+    assert provider.stages == ["target setup", "selection"]
     assert bool(sel.region_table) == (strata is not None)
     # Deterministic: no seed involved.
     np.testing.assert_array_equal(sel.indices, get_method("d2").select(provider, 12, 7).indices)

@@ -264,7 +264,6 @@ class D2(SelectionMethod):
         cfg = provider.config
         with provider.stage(TARGET_STAGE):
             scores = check_scores(provider.target_scores("el2n", tuned=True))
-        with provider.stage(TARGET_STAGE):
             features = provider.target_embeddings()
         k, gamma_f, gamma_r = cfg.d2_k, cfg.d2_gamma_f, cfg.d2_gamma_r
         with provider.stage("selection"):
