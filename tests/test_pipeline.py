@@ -171,3 +171,22 @@ def test_csv_in_csv_out(model_dirs: dict[str, Path], tmp_path: Path) -> None:
     with open(out / "coreset.csv", newline="", encoding="utf-8") as f:
         kept = list(csv.DictReader(f))
     assert kept == [rows[i] for i in sel.indices]
+
+
+def test_baselines_share_one_target_fine_tune(
+    jsonl_data: Path, model_dirs: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    counter = Counter(monkeypatch)
+    lines = jsonl_data.read_text(encoding="utf-8").splitlines(keepends=True)
+    for method in ("grand", "el2n", "ccs", "d2", "random", "staff-target-only"):
+        out = tmp_path / method
+        sel = speccore.select(
+            config(jsonl_data, model_dirs, method=method, target_epochs=1, out=str(out))
+        )
+        assert len(sel) == 12, method
+        coreset = (out / "coreset.jsonl").read_text(encoding="utf-8").splitlines(keepends=True)
+        assert coreset == [lines[i] for i in sel.indices], method
+        saved = json.loads((out / "selection.json").read_text(encoding="utf-8"))
+        assert saved["method"] == method and "total" in saved["timings"]
+    # grand, el2n, ccs and d2 fine-tune the target once, through the cache; no small model.
+    assert counter.finetunes == [24]
