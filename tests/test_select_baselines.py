@@ -333,3 +333,17 @@ def test_d2_method(strata):
     # Deterministic: no seed involved.
     np.testing.assert_array_equal(sel.indices, get_method("d2").select(provider, 12, 7).indices)
     sel.to_dict()  # JSON-ready info
+
+
+def test_top_mask_equals_the_sorted_cut_with_ties():
+    from speccore.selection.ccs import top_mask
+    from speccore.selection.score_based import rank_descending
+
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        n = int(rng.integers(1, 60))
+        scores = rng.integers(0, 5, size=n).astype(float)  # many ties
+        k = int(rng.integers(0, n + 1))
+        expected = np.zeros(n, dtype=bool)
+        expected[rank_descending(scores)[:k]] = True
+        np.testing.assert_array_equal(top_mask(scores, k), expected)

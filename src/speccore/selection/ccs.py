@@ -33,7 +33,7 @@ import numpy as np
 from ..errors import ConfigError
 from .base import ScoreProvider, Selection, SelectionMethod, register_method, rng_for
 from .regions import equal_width_regions, region_members
-from .score_based import TARGET_STAGE, check_budget, check_scores, rank_descending
+from .score_based import TARGET_STAGE, check_budget, check_scores
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +60,22 @@ def effective_cutoff(n: int, m: int, beta: float) -> int:
 def hard_cutoff(scores: np.ndarray, m: int, beta: float) -> tuple[np.ndarray, int]:
     """The pool left after dropping the ⌊β'·N⌋ highest scores (sorted indices), and that count."""
     n_cut = effective_cutoff(len(scores), m, beta)
-    return np.sort(rank_descending(scores)[n_cut:]), n_cut
+    return np.flatnonzero(~top_mask(scores, n_cut)), n_cut
+
+
+def top_mask(scores: np.ndarray, k: int) -> np.ndarray:
+    """Mask of the k highest scores (ties: lower index first, as :func:`rank_descending`).
+
+    A partition instead of a sort keeps the cutoff O(N): at 10⁶ samples the sort dominated CCS.
+    """
+    mask = np.zeros(len(scores), dtype=bool)
+    if k <= 0:
+        return mask
+    threshold = np.partition(scores, len(scores) - k)[len(scores) - k]
+    mask[scores > threshold] = True
+    ties = np.flatnonzero(scores == threshold)
+    mask[ties[: k - int(mask.sum())]] = True
+    return mask
 
 
 def ccs_strata(
