@@ -286,9 +286,7 @@ def _sync(device: torch.device) -> None:
 
 
 def _devices(provider: ModelProvider) -> str:
-    slots = [
-        s for s in (provider._small, provider._target) if s is not None and s._loaded is not None
-    ]
+    slots = [s for s in provider.loaded_slots if s._loaded is not None]
     kinds = sorted({str(_model_device(s.loaded.model)) for s in slots})
     return ", ".join(kinds) or "none"
 

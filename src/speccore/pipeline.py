@@ -98,7 +98,7 @@ def write_run(
     and the token masks when token-level selection ran."""
     out = Path(str(cfg.out))
     out.mkdir(parents=True, exist_ok=True)
-    small = provider._small
+    small = next((s for s in provider.loaded_slots if s.role == "small"), None)
     if small is not None and small.tuned_adapter_dir is not None:
         dest = out / "small_adapter"
         tmp = out / ".small_adapter.tmp"

@@ -181,7 +181,6 @@ class ModelSlot:
                 values = self._run_scoring(score, missing, None)
             known.update(zip(missing.tolist(), values.tolist(), strict=True))
             self.cache.put_partial(key, known)
-        self.calls_scored = len(missing)
         return np.array([known[i] for i in indices.tolist()], dtype=np.float64)
 
     def _run_scoring(
@@ -322,6 +321,11 @@ class ModelProvider:
         slot = self.target
         slot.use_tuned(self.config.target_epochs)
         return slot.embeddings("target embeddings")
+
+    @property
+    def loaded_slots(self) -> list[ModelSlot]:
+        """The model slots a method has used so far (small first)."""
+        return [s for s in (self._small, self._target) if s is not None]
 
     def tokenized(self) -> TokenizedData | None:
         """The tokenised data of whichever model was used (small first), for reports."""
