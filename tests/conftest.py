@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from speccore import SelectConfig
 from speccore.models.tiny import tiny_model_folder
 
 WORDS = (  # noqa: SIM905
@@ -26,6 +27,26 @@ def make_rows(n: int, seed: int = 0) -> list[dict[str, str]]:
         answer = " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 8)))
         rows.append({"dialogue": f"#{i} {prompt}", "summary": answer, "topic": f"t{i % 3}"})
     return rows
+
+
+def tiny_select_config(data: Path, dirs: dict[str, Path], **overrides: object) -> SelectConfig:
+    """A SelectConfig for the tiny models on ``make_rows`` data; ``overrides`` win."""
+    settings: dict[str, object] = dict(
+        data=str(data),
+        input_field="dialogue",
+        output_field="summary",
+        small=str(dirs["small"]),
+        target=str(dirs["target"]),
+        prune_rate=0.5,
+        regions=3,
+        verify_per_region=2,
+        small_epochs=1,
+        batch_size=4,
+        max_length=64,
+        group_field="topic",
+    )
+    settings.update(overrides)
+    return SelectConfig(**settings)  # type: ignore[arg-type]
 
 
 @pytest.fixture(scope="session")

@@ -7,29 +7,21 @@ from pathlib import Path
 import pytest
 
 import speccore
+from conftest import tiny_select_config
 from speccore import SelectConfig
 from speccore.dryrun import dry_run, format_estimate, planned_work
 
 
 def config(data: Path, dirs: dict[str, Path], **kw: object) -> SelectConfig:
     settings: dict[str, object] = dict(
-        data=str(data),
-        input_field="dialogue",
-        output_field="summary",
-        small=str(dirs["small"]),
-        target=str(dirs["target"]),
-        prune_rate=0.5,
-        regions=3,
-        verify_per_region=2,
         small_epochs=2,
         target_epochs=1,
-        batch_size=4,
-        max_length=64,
         max_batch_tokens=128,
         dry_run=True,
+        group_field=None,
     )
     settings.update(kw)
-    return SelectConfig(**settings)  # type: ignore[arg-type]
+    return tiny_select_config(data, dirs, **settings)
 
 
 def test_staff_dry_run_estimates_every_stage_and_writes_nothing(

@@ -11,27 +11,13 @@ import numpy as np
 import pytest
 
 import speccore
+from conftest import tiny_select_config
 from speccore import SelectConfig
 from speccore.selection import Selection
 
 
 def config(data: Path, dirs: dict[str, Path], **kw: object) -> SelectConfig:
-    settings: dict[str, object] = dict(
-        data=str(data),
-        input_field="dialogue",
-        output_field="summary",
-        small=str(dirs["small"]),
-        target=str(dirs["target"]),
-        prune_rate=0.5,
-        regions=3,
-        verify_per_region=2,
-        small_epochs=1,
-        batch_size=4,
-        max_length=64,
-        group_field="topic",
-    )
-    settings.update(kw)
-    return SelectConfig(**settings)  # type: ignore[arg-type]
+    return tiny_select_config(data, dirs, **kw)
 
 
 class Counter:
