@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -47,6 +48,39 @@ def tiny_select_config(data: Path, dirs: dict[str, Path], **overrides: object) -
     )
     settings.update(overrides)
     return SelectConfig(**settings)  # type: ignore[arg-type]
+
+
+def micro_bench_settings(
+    tmp_path: Path, dirs: dict[str, Path], eval_rows: int = 4, **overrides: object
+) -> dict[str, Any]:
+    """A micro bench config dict: 12 ``make_rows`` training rows, ``eval_rows`` evaluation
+    rows, the tiny models, few tokens; top-level ``overrides`` win."""
+    train, dev = tmp_path / "train.jsonl", tmp_path / "dev.jsonl"
+    train.write_text("".join(json.dumps(r) + "\n" for r in make_rows(12)), encoding="utf-8")
+    dev.write_text(
+        "".join(json.dumps(r) + "\n" for r in make_rows(eval_rows, seed=7)), encoding="utf-8"
+    )
+    settings: dict[str, Any] = {
+        "out": str(tmp_path / "a" / "bench"),
+        "data": {
+            "train": str(train),
+            "eval": str(dev),
+            "template": "Summarize: {dialogue}\nSummary:",
+            "output_field": "summary",
+            "references": ["summary"],
+            "max_length": 64,
+        },
+        "models": {"small": str(dirs["small"]), "target": str(dirs["target"])},
+        "methods": ["random"],
+        "prune_rates": [0.5],
+        "seeds": [0],
+        "finetune": {"epochs": 1, "batch_size": 4},
+        "select": {"regions": 3, "verify_per_region": 2, "small_epochs": 1, "batch_size": 4},
+        "generation": {"max_new_tokens": 5, "batch_size": 3},
+        "metrics": {"bootstrap": 50, "bleu_bootstrap": 10},
+    }
+    settings.update(overrides)
+    return settings
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import yaml
 
-from conftest import make_rows
+from conftest import micro_bench_settings
 from speccore.bench import bench_config_from_dict, load_bench_config, plan_cells, run_bench
 from speccore.bench.generate import _decode, encode_prompts, generate
 from speccore.bench.run import BenchRunner
@@ -24,28 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture
 def bench_settings(tmp_path: Path, model_dirs: dict[str, Path]) -> dict[str, Any]:
     """A micro bench: 12 training rows, 4 evaluation rows, tiny models, few tokens."""
-    train, dev = tmp_path / "train.jsonl", tmp_path / "dev.jsonl"
-    train.write_text("".join(json.dumps(r) + "\n" for r in make_rows(12)), encoding="utf-8")
-    dev.write_text("".join(json.dumps(r) + "\n" for r in make_rows(4, seed=7)), encoding="utf-8")
-    return {
-        "out": str(tmp_path / "a" / "bench"),
-        "data": {
-            "train": str(train),
-            "eval": str(dev),
-            "template": "Summarize: {dialogue}\nSummary:",
-            "output_field": "summary",
-            "references": ["summary"],
-            "max_length": 64,
-        },
-        "models": {"small": str(model_dirs["small"]), "target": str(model_dirs["target"])},
-        "methods": ["random"],
-        "prune_rates": [0.5],
-        "seeds": [0],
-        "finetune": {"epochs": 1, "batch_size": 4},
-        "select": {"regions": 3, "verify_per_region": 2, "small_epochs": 1, "batch_size": 4},
-        "generation": {"max_new_tokens": 5, "batch_size": 3},
-        "metrics": {"bootstrap": 50, "bleu_bootstrap": 10},
-    }
+    return micro_bench_settings(tmp_path, model_dirs)
 
 
 # --- configuration ------------------------------------------------------------------------

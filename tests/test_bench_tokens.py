@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import speccore.train
-from conftest import make_rows
+from conftest import micro_bench_settings
 from speccore.bench import bench_config_from_dict, plan_cells, read_results_csv, run_bench
 from speccore.bench.report import cell_row
 from speccore.bench.tables import metric_table, row_label
@@ -28,29 +28,16 @@ TARGET_TUNE = "fine-tune target ("
 @pytest.fixture
 def settings(tmp_path: Path, model_dirs: dict[str, Path]) -> dict[str, Any]:
     """A micro STAFF bench: 12 training rows, 3 evaluation rows, one rate, one seed."""
-    train, dev = tmp_path / "train.jsonl", tmp_path / "dev.jsonl"
-    train.write_text("".join(json.dumps(r) + "\n" for r in make_rows(12)), encoding="utf-8")
-    dev.write_text("".join(json.dumps(r) + "\n" for r in make_rows(3, seed=7)), encoding="utf-8")
-    return {
-        "out": str(tmp_path / "a" / "bench"),
-        "data": {
-            "train": str(train),
-            "eval": str(dev),
-            "template": "Summarize: {dialogue}\nSummary:",
-            "output_field": "summary",
-            "max_length": 64,
-        },
-        "models": {"small": str(model_dirs["small"]), "target": str(model_dirs["target"])},
-        "methods": ["staff", "random"],
-        "prune_rates": [0.5],
-        "seeds": [0],
-        "full": False,
-        "zero_shot": False,
-        "finetune": {"epochs": 1, "batch_size": 4},
-        "select": {"regions": 3, "verify_per_region": 2, "small_epochs": 1, "batch_size": 4},
-        "generation": {"max_new_tokens": 4, "batch_size": 3},
-        "metrics": {"bootstrap": 20, "bleu_bootstrap": 5},
-    }
+    return micro_bench_settings(
+        tmp_path,
+        model_dirs,
+        eval_rows=3,
+        methods=["staff", "random"],
+        full=False,
+        zero_shot=False,
+        generation={"max_new_tokens": 4, "batch_size": 3},
+        metrics={"bootstrap": 20, "bleu_bootstrap": 5},
+    )
 
 
 @pytest.fixture

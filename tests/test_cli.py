@@ -51,6 +51,26 @@ def test_cli_select_prints_summary(
     assert len(json.loads((out / "selection.json").read_text())["indices"]) == 6
 
 
+def test_cli_token_keep_writes_masks_and_labels(
+    jsonl_data: Path, model_dirs: dict[str, Path], tmp_path: Path
+) -> None:
+    from speccore.tokens import load_token_masks
+
+    out = tmp_path / "run"
+    args = [*base_args(jsonl_data, model_dirs, out), "--prune-rate", "0.5", "--token-keep", "0.6"]
+    assert main(args) == 0
+    kept = json.loads((out / "selection.json").read_text())["indices"]
+    indices, masks = load_token_masks(out / "token_masks.npz")
+    assert indices.tolist() == kept and len(masks) == 12
+    lines = [json.loads(x) for x in (out / "token_labels.jsonl").read_text().splitlines()]
+    assert [x["index"] for x in lines] == kept
+    for line, mask in zip(lines, masks, strict=True):
+        assert len(line["input_ids"]) == len(line["labels"]) == len(mask)
+        assert all(lab == -100 for lab, m in zip(line["labels"], mask, strict=True) if not m)
+    info = json.loads((out / "token_selection.json").read_text())
+    assert info["crossfit"] is True and 0.6 <= info["kept_fraction"] < 1
+
+
 def bad_row_file(tmp_path: Path, text: str) -> Path:
     path = tmp_path / "bad.jsonl"
     path.write_text(text, encoding="utf-8")

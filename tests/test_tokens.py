@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ from speccore.tokens import (
     load_token_masks,
     map_scores,
     response_offsets,
+    save_token_labels,
     save_token_masks,
     select_response_tokens,
     select_tokens,
@@ -314,6 +316,40 @@ def test_token_masks_sidecar_round_trip(tmp_path: Path, data: TokenizedData) -> 
         attach_token_masks(data, [1, 2], masks)  # masks of rows 0 and 3
 
 
+def test_token_labels_jsonl_trains_the_kept_tokens_with_hf_collator(
+    tmp_path: Path, tok: Any, data: TokenizedData
+) -> None:
+    """The README recipe: token_labels.jsonl through transformers' DataCollatorForSeq2Seq gives
+    HF's own loss over exactly the tokens speccore's masked fine-tune learns."""
+    from transformers import DataCollatorForSeq2Seq
+
+    from speccore.train.lora import _loss_sum
+
+    rows = [4, 0, 2]
+    masks = random_masks(data, rows, 0.5, seed=3)
+    path = tmp_path / "token_labels.jsonl"
+    save_token_labels(path, data, masks, rows)
+    ds = datasets.load_dataset("json", data_files=str(path), split="train")
+    assert ds["index"] == rows and ds["labels"] == export_labels(data, masks, rows)
+    assert ds["input_ids"] == [data.input_ids[i] for i in rows]
+    for labels, completion in zip(ds["labels"], ds["completion_mask"], strict=True):
+        assert completion == [int(t != IGNORE_INDEX) for t in labels]
+    dropped = sum(m.count(0) for m in masks)
+    assert dropped > 0  # some response tokens are really dropped
+    pad_right = tiny_tokenizer()  # the fixture's twin, padding on the right like speccore
+    pad_right.padding_side = "right"
+    collator = DataCollatorForSeq2Seq(pad_right, label_pad_token_id=IGNORE_INDEX)
+    batch = collator([{k: r[k] for k in ("input_ids", "labels")} for r in ds])
+    model = tiny_causal_lm(len(tok), seed=4).double()
+    with torch.no_grad():
+        hf_loss = model(**batch).loss.item()
+        masked = collate(attach_token_masks(data, rows, masks), list(range(len(rows))))
+        n_learned = int((masked["labels"][:, 1:] != IGNORE_INDEX).sum())
+        ours = (_loss_sum(model, masked) / n_learned).item()
+    assert n_learned == int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+    assert hf_loss == pytest.approx(ours, rel=1e-9)
+
+
 # ---------------------------------------------------------------------------------------------
 # select_tokens on a real provider (tiny models)
 # ---------------------------------------------------------------------------------------------
@@ -392,8 +428,10 @@ def test_crossfit_scores_each_half_with_the_other_adapter(
     assert [len(m) for m in sel.masks] == [len(provider.target.data.input_ids[i]) for i in kept]
     assert 0.5 <= sel.info["kept_fraction"] < 1
     assert adapter_fingerprint(provider.small.use_fresh()) == fresh
-    sel.save(tmp_path)
+    sel.save(tmp_path, provider.target.data)
     assert load_token_masks(tmp_path / "token_masks.npz")[1] == sel.masks
+    exported = (tmp_path / "token_labels.jsonl").read_text().splitlines()
+    assert [json.loads(line)["index"] for line in exported] == kept
     # A rerun (another keep fraction) takes both half adapters from the cache.
     again = provider_for(model_dirs, token_keep=0.3, token_rank="global")
     spy2 = Spy(monkeypatch, again)

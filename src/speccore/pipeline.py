@@ -108,7 +108,7 @@ def write_run(
         tmp.rename(dest)
     write_coreset(cfg.data, dataset, selection.indices.tolist(), out, split=cfg.split)
     if tokens is not None:
-        tokens.save(out)
+        tokens.save(out, provider.target.data)
     selection.save(out / "selection.json")
     with atomic_open(out / "summary.txt") as f:
         f.write(summary_text(selection) + "\n")

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from ..errors import ConfigError
 from ..io import fingerprint
 
 IGNORE_INDEX = -100
@@ -57,6 +58,21 @@ class TokenizedData:
             pad_token_id=self.pad_token_id,
             token_masks=masks,
         )
+
+
+def sample_indices(indices: Sequence[int] | np.ndarray | None, n: int) -> np.ndarray:
+    """``indices`` as a 1-D int64 array of sample positions (all ``n`` when None); anything
+    that is not an integer index inside ``0..n-1`` raises :class:`ConfigError`."""
+    if indices is None:
+        return np.arange(n, dtype=np.int64)
+    idx = np.asarray(indices)
+    if idx.ndim != 1 or (idx.size and not np.issubdtype(idx.dtype, np.integer)):
+        raise ConfigError("indices must be a 1-D array of integer sample indices")
+    idx = idx.astype(np.int64)
+    if idx.size and (idx.min() < 0 or idx.max() >= n):
+        bad = idx[(idx < 0) | (idx >= n)][0]
+        raise ConfigError(f"indices holds {bad}, outside the data's 0..{n - 1}")
+    return idx
 
 
 def length_grouped_batches(

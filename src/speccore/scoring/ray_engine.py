@@ -37,7 +37,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .. import errors
-from ..data.tokenized import IGNORE_INDEX, TokenizedData, length_grouped_batches
+from ..data.tokenized import IGNORE_INDEX, TokenizedData, length_grouped_batches, sample_indices
 from ..errors import ConfigError, ScoringError, SpeccoreError
 from ..io import cache_root, fingerprint, load_npz, save_npz
 
@@ -102,7 +102,7 @@ def score_with_ray(
     if score not in SCORE_FUNCTIONS:
         raise ConfigError(f"unknown score {score!r}; valid scores: {', '.join(SCORE_FUNCTIONS)}")
     data = slot.data
-    idx = _request_indices(indices, len(data))
+    idx = sample_indices(indices, len(data))
     if idx.size == 0:
         return np.zeros(0, dtype=np.float64)
     max_tokens = slot.cfg.max_batch_tokens
@@ -143,16 +143,6 @@ def actor_args(slot: ModelSlot, score: str, pool: Pool) -> dict[str, Any]:
 
 
 # --- planning -----------------------------------------------------------------------------
-
-
-def _request_indices(indices: np.ndarray | None, n: int) -> np.ndarray:
-    if indices is None:
-        return np.arange(n, dtype=np.int64)
-    idx = np.asarray(indices).astype(np.int64).reshape(-1)
-    if idx.size and (idx.min() < 0 or idx.max() >= n):
-        bad = idx[(idx < 0) | (idx >= n)][0]
-        raise ConfigError(f"indices holds {bad}, outside the data's 0..{n - 1}")
-    return idx
 
 
 def default_shard_samples(n: int) -> int:

@@ -16,7 +16,13 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ..data.tokenized import IGNORE_INDEX, TokenizedData, collate, length_grouped_batches
+from ..data.tokenized import (
+    IGNORE_INDEX,
+    TokenizedData,
+    collate,
+    length_grouped_batches,
+    sample_indices,
+)
 from ..errors import ConfigError, ScoringError
 from ..io import fingerprint, load_npz, save_npz
 from .effort import effort_batch
@@ -140,16 +146,7 @@ def _check_args(
         raise ConfigError(f"max_batch_tokens must be at least 1, got {max_batch_tokens}")
     if max_batch_size is not None and max_batch_size < 1:
         raise ConfigError(f"max_batch_size must be at least 1 or None, got {max_batch_size}")
-    if indices is None:
-        return np.arange(len(data), dtype=np.int64)
-    idx = np.asarray(indices)
-    if idx.ndim != 1 or (idx.size and not np.issubdtype(idx.dtype, np.integer)):
-        raise ConfigError("indices must be a 1-D array of integer sample indices")
-    idx = idx.astype(np.int64)
-    if idx.size and (idx.min() < 0 or idx.max() >= len(data)):
-        bad = idx[(idx < 0) | (idx >= len(data))][0]
-        raise ConfigError(f"indices holds {bad}, outside the data's 0..{len(data) - 1}")
-    return idx
+    return sample_indices(indices, len(data))
 
 
 def _plan(

@@ -3,8 +3,8 @@
 :func:`select_tokens` scores the response tokens of the kept rows and returns 0/1 masks over the
 target's tokens; :func:`save_token_masks` / :func:`load_token_masks` store them as
 ``token_masks.npz``, :func:`attach_token_masks` puts them on :class:`~speccore.data.TokenizedData`
-for :func:`speccore.train.finetune`, and :func:`export_labels` writes a ``labels`` field with
--100 on dropped tokens for other trainers.
+for :func:`speccore.train.finetune`, and :func:`export_labels` / :func:`save_token_labels` give a
+``labels`` field with -100 on dropped tokens (``token_labels.jsonl``) for other trainers.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from .masks import (
     keep_count,
     kept_fraction,
     load_token_masks,
+    save_token_labels,
     save_token_masks,
     select_response_tokens,
 )
@@ -39,6 +40,7 @@ __all__ = [
     "response_offsets",
     "response_offsets_batch",
     "save_ragged",
+    "save_token_labels",
     "save_token_masks",
     "select_response_tokens",
     "select_tokens",

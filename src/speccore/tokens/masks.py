@@ -15,6 +15,7 @@ into ``-100`` labels.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -25,6 +26,7 @@ import numpy as np
 from ..config import TOKEN_RANKS
 from ..data.tokenized import IGNORE_INDEX, TokenizedData
 from ..errors import ConfigError, DataError
+from ..io import atomic_open
 from .scores import Ragged, load_ragged, response_positions, save_ragged
 
 logger = logging.getLogger(__name__)
@@ -113,6 +115,30 @@ def export_labels(
         [t if m else IGNORE_INDEX for t, m in zip(labels, mask, strict=True)]
         for labels, mask in zip(sub.labels, checked, strict=True)
     ]
+
+
+def save_token_labels(
+    path: str | os.PathLike[str],
+    data: TokenizedData,
+    masks: Sequence[Sequence[int]],
+    indices: Sequence[int] | np.ndarray,
+) -> None:
+    """Write ``token_labels.jsonl`` for other trainers, one kept row per line, atomically.
+
+    Each line holds ``index`` (the row in the input data), the target's ``input_ids``,
+    ``labels`` (-100 on the prompt and on dropped tokens, HF's convention: the model shifts them)
+    and ``completion_mask`` (1 where a label is learned), the field TRL's collator reads.
+    """
+    labels = export_labels(data, masks, indices)
+    with atomic_open(path) as f:
+        for i, row_labels in zip(indices, labels, strict=True):
+            line = {
+                "index": int(i),
+                "input_ids": [int(t) for t in data.input_ids[int(i)]],
+                "labels": row_labels,
+                "completion_mask": [int(t != IGNORE_INDEX) for t in row_labels],
+            }
+            f.write(json.dumps(line) + "\n")
 
 
 def save_token_masks(

@@ -29,7 +29,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..data.tokenized import IGNORE_INDEX, TokenizedData, collate, length_grouped_batches
+from ..data.tokenized import (
+    IGNORE_INDEX,
+    TokenizedData,
+    collate,
+    length_grouped_batches,
+    sample_indices,
+)
 from ..errors import ConfigError, DataError, ScoringError
 from ..io import load_npz, save_npz
 from ..scoring.losses import eval_mode, forward, model_device, token_losses
@@ -133,7 +139,7 @@ def token_losses_of(
     has no logits to predict it and gets ``nan``. Token masks in ``data`` are ignored: every
     response token is scored. The model runs in eval mode under ``inference_mode``.
     """
-    idx = _indices(data, indices)
+    idx = sample_indices(indices, len(data))
     if max_batch_tokens < 1:
         raise ConfigError(f"max_batch_tokens must be at least 1, got {max_batch_tokens}")
     # Score every response token, whatever mask the data carries.
@@ -162,18 +168,6 @@ def excess_loss(base: Ragged, tuned: Ragged) -> Ragged:
         raise ValueError("base and tuned losses have different rows or lengths")
     delta = base.values.astype(np.float32) - tuned.values.astype(np.float32)
     return base.with_values(delta)
-
-
-def _indices(data: TokenizedData, indices: Sequence[int] | np.ndarray | None) -> np.ndarray:
-    if indices is None:
-        return np.arange(len(data), dtype=np.int64)
-    idx = np.asarray(indices)
-    if idx.ndim != 1 or (idx.size and not np.issubdtype(idx.dtype, np.integer)):
-        raise ConfigError("indices must be a 1-D array of integer sample indices")
-    idx = idx.astype(np.int64)
-    if idx.size and (idx.min() < 0 or idx.max() >= len(data)):
-        raise ConfigError(f"indices reach outside the data's 0..{len(data) - 1}")
-    return idx
 
 
 def _batch_losses(model: nn.Module, batch: dict[str, torch.Tensor]) -> list[np.ndarray]:

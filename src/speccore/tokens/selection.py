@@ -39,6 +39,7 @@ from .masks import (
     attach_token_masks,
     full_masks,
     kept_fraction,
+    save_token_labels,
     save_token_masks,
     select_response_tokens,
 )
@@ -72,10 +73,16 @@ class TokenSelection:
         """The kept rows of the target's tokenised data, with these masks (for fine-tuning)."""
         return attach_token_masks(target_data, self.indices, self.masks)
 
-    def save(self, folder: str | os.PathLike[str]) -> None:
-        """``token_masks.npz``, ``token_scores.npz`` and ``token_selection.json`` in ``folder``."""
+    def save(
+        self, folder: str | os.PathLike[str], target_data: TokenizedData | None = None
+    ) -> None:
+        """``token_masks.npz``, ``token_scores.npz`` and ``token_selection.json`` in ``folder``;
+        with ``target_data`` (the target's tokenisation of all rows) also
+        ``token_labels.jsonl``, ready for HF ``Trainer`` or TRL."""
         folder = Path(folder)
         save_token_masks(folder / "token_masks.npz", self.masks, self.indices)
+        if target_data is not None:
+            save_token_labels(folder / "token_labels.jsonl", target_data, self.masks, self.indices)
         if self.scores is not None:
             save_ragged(folder / "token_scores.npz", self.scores, indices=self.indices)
         write_json(folder / "token_selection.json", self.info)
