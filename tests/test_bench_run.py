@@ -34,6 +34,7 @@ def test_shipped_configs_load() -> None:
     mini = load_bench_config(REPO / "bench" / "mini-uitrans.yaml")
     assert mini.metrics.unicode_rouge and mini.data.train_rows == 600
     assert [c.name for c in plan_cells(mini)][:2] == ["zero-shot", "full_s0"]
+    assert len(plan_cells(mini)) == 2 + 6 * 2 + 2  # 6 methods × 2 rates, 2 token cells
     dialogsum = [
         c.name for c in plan_cells(load_bench_config(REPO / "bench" / "mini-dialogsum.yaml"))
     ]
@@ -44,7 +45,7 @@ def test_shipped_configs_load() -> None:
     full = load_bench_config(REPO / "bench" / "full-dialogsum.yaml")
     sel = full.select_config("staff", 0.9, 2)
     assert (sel.regions, sel.verify_per_region, sel.small_epochs, sel.seed) == (50, 10, 3.0, 2)
-    assert len(plan_cells(full)) == 1 + 3 + 7 * 5 * 3
+    assert len(plan_cells(full)) == 1 + 3 + 8 * 5 * 3
 
 
 def test_defaults_are_the_papers_grid(bench_settings: dict[str, Any]) -> None:

@@ -123,6 +123,18 @@ def test_precomputed_scores_skip_the_small_model(
     np.testing.assert_allclose(sel.scores, np.linspace(1, 2, 24))
 
 
+def test_no_verification_method_is_the_flag_and_never_asks_the_target(
+    jsonl_data: Path, model_dirs: dict[str, Path]
+) -> None:
+    named = speccore.select(config(jsonl_data, model_dirs, method="staff-no-verification"))
+    flag = speccore.select(config(jsonl_data, model_dirs, verification=False))
+    staff = speccore.select(config(jsonl_data, model_dirs))
+    assert named.indices.tolist() == flag.indices.tolist()
+    assert named.method == "staff-no-verification"
+    assert named.info["target_samples_scored"] == 0 and staff.info["target_samples_scored"] > 0
+    assert all(row["verified"] == 0 for row in named.region_table)
+
+
 def test_user_adapter_skips_the_fine_tune(
     jsonl_data: Path, model_dirs: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

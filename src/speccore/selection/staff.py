@@ -287,13 +287,14 @@ class Staff(SelectionMethod):
 
     name = "staff"
     description = "speculative coreset selection: small-model effort, target verification"
+    verification = True
 
     def select(self, provider: ScoreProvider, budget: int, seed: int) -> Selection:
         cfg = provider.config
         with provider.stage("small setup"):
             scores = provider.small_scores()
         verify: VerifyFn | None = None
-        if cfg.verification:
+        if cfg.verification and self.verification:
             verifier = provider.verifier()
 
             def verify(indices: np.ndarray) -> np.ndarray:
@@ -311,3 +312,13 @@ class Staff(SelectionMethod):
             fill=cfg.fill,
             prune_rate=cfg.prune_rate,
         )
+
+
+@register_method
+class StaffNoVerification(Staff):
+    """STAFF's no-verification ablation (every V_i = 1) under a name of its own, so that a bench
+    can put it beside STAFF in one grid (``--no-verification`` is a setting of every cell)."""
+
+    name = "staff-no-verification"
+    description = "STAFF ablation without target verification: every V_i = 1, no target call"
+    verification = False
