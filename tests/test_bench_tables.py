@@ -122,6 +122,11 @@ def test_full_markdown_has_both_metrics_agreement_and_overhead(
     ):
         assert heading in md
     assert "| 0.5 | 0.700 | 0.600 | 2 |" in md
+    # 383.4 s of selection + 560 s of fine-tuning + 15 × 5 s of evaluation, summed by hand.
+    assert md.rstrip().endswith(
+        "_Compute: 15 cells, selection 383 s + fine-tune 560 s + evaluation 75 s = 1018 s "
+        "(17.0 min); model loads and tokenisation not included._"
+    )
 
 
 def test_results_csv_round_trip(rows: list[dict[str, object]], tmp_path: Path) -> None:

@@ -40,6 +40,7 @@ BASE_COLUMNS = [
     "select_s",
 ]
 TAIL_COLUMNS = ["train_s", "eval_s", "agreement", "rand_index"]
+COMPUTE_KEYS = ("select_s", "train_s", "eval_s")
 # Written when the rows have them (every bench row does; a results.csv from before token
 # selection does not, and reads and writes back unchanged).
 TOKEN_COLUMNS = {"token_keep": "prune_rate", "kept_token_fraction": "rand_index"}
@@ -127,7 +128,20 @@ def render_tables(rows: Sequence[dict[str, Any]], title: str = "Bench results") 
     if agreement:
         parts += ["## Small/target agreement (STAFF)", "", agreement, ""]
     parts += ["## Selection overhead (seconds)", "", overhead_table(rows), ""]
+    parts += [compute_line(rows), ""]
     return "\n".join(parts)
+
+
+def compute_line(rows: Sequence[dict[str, Any]]) -> str:
+    """The bench's compute in one line: selection + fine-tune + evaluation seconds summed over
+    the cells (an interrupted and resumed bench adds up the same way)."""
+    parts = {key: sum(float(r.get(key) or 0.0) for r in rows) for key in COMPUTE_KEYS}
+    total = sum(parts.values())
+    return (
+        f"_Compute: {len(rows)} cells, selection {parts['select_s']:.0f} s + fine-tune "
+        f"{parts['train_s']:.0f} s + evaluation {parts['eval_s']:.0f} s = {total:.0f} s "
+        f"({total / 60:.1f} min); model loads and tokenisation not included._"
+    )
 
 
 def row_label(row: dict[str, Any]) -> str:
