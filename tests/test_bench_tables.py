@@ -99,7 +99,7 @@ def test_overhead_table_shows_each_methods_costliest_selection(
     table = overhead_table(rows)
     header = table.splitlines()[0]
     assert header == (
-        "| method | small fine-tune | target verification | selection total | target fine-tune "
+        "| method | small fine-tune | target verification | selection total | coreset fine-tune "
         "| evaluation |"
     )
     # staff's costliest cell (seed 0, p = 0.5) paid the small fine-tune; mean fine-tune 30 s.

@@ -414,6 +414,9 @@ def test_crossfit_scores_each_half_with_the_other_adapter(
     kept = [0, 2, 3, 5, 7, 8, 10, 11]
     sel = select_tokens(provider, coreset(12, kept), provider.config)
     assert sel.info["crossfit"] is True and spy.finetunes == 2
+    # The halves are timed apart from STAFF's own small fine-tune (none ran here).
+    assert provider.timer.timings.get("token cross-fit fine-tune", 0) > 0
+    assert "small fine-tune" not in provider.timer.timings
     halves = list(spy.trained.values())
     assert (
         len(halves) == 2 and not halves[0] & halves[1] and halves[0] | halves[1] == set(range(12))

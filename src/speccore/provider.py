@@ -135,7 +135,10 @@ class ModelSlot:
             logger.info("%s adapter from cache: %s", self.role, folder)
             set_peft_model_state_dict(model, load_file(str(folder / "adapter_model.safetensors")))
         else:
-            with self.timer.stage(f"{self.role} fine-tune"):
+            # Cross-fit halves get a stage of their own: the overhead table must not read as
+            # a second STAFF fine-tune.
+            stage = f"{self.role} fine-tune" if rows is None else "token cross-fit fine-tune"
+            with self.timer.stage(stage):
                 finetune(
                     model,
                     data,

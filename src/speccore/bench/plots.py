@@ -122,7 +122,8 @@ def plot_regions(region_table: Sequence[dict[str, Any]], path: Path, title: str)
     twin.plot(x, [r.get("V", math.nan) for r in table], color="black", marker=".", label="V_i")
     twin.set_ylabel("V_i (target/small effort ratio, mean 1)")
     handles = ax.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
-    ax.legend(handles=handles, fontsize="small", loc="upper left")
+    # Below the axes: inside, it hides the tallest bars or the V_i line.
+    fig.legend(handles=handles, fontsize="small", loc="outside lower center", ncols=4)
     ax.set_title(title)
     return _save(fig, path)
 

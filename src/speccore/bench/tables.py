@@ -292,7 +292,7 @@ def overhead_table(rows: Sequence[dict[str, Any]]) -> str:
         "method",
         *[stage_label(c) for c in stages],
         "selection total",
-        "target fine-tune",
+        "coreset fine-tune",
         "evaluation",
     ]
     lines = [_md_row(header), _md_row(["---"] * len(header))]
@@ -318,7 +318,8 @@ def overhead_table(rows: Sequence[dict[str, Any]]) -> str:
         "filled the cache; later cells reuse its adapters and scores). With `share_cache: true` "
         "a stage shared by several methods (e.g. the tuned target of GraNd/EL2N/CCS/D2) shows "
         "only where it was first computed; `share_cache: false` gives each method its cold "
-        "cost. Fine-tune and evaluation: mean over the method's cells._"
+        "cost. Coreset fine-tune (the target trained on the cell's coreset) and evaluation: "
+        "mean over the method's cells._"
     )
     return "\n".join(lines) + "\n\n" + note
 
