@@ -38,7 +38,7 @@ def test_shipped_configs_load() -> None:
     dialogsum = [
         c.name for c in plan_cells(load_bench_config(REPO / "bench" / "mini-dialogsum.yaml"))
     ]
-    assert len(dialogsum) == 10
+    assert len(dialogsum) == 16
     assert {"staff_p0.9_s0", "staff_p0.9_s0_tok0.6", "random_p0.9_s0"} <= set(dialogsum)
     assert "random_p0.9_s0_tok0.6" not in dialogsum  # token_methods: [staff]
     assert mini.token_keeps == [1.0, 0.6] and mini.token_methods == ["staff"]
