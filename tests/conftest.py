@@ -6,9 +6,11 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from speccore import SelectConfig
+from speccore.data.tokenized import TokenizedData
 from speccore.models.tiny import tiny_model_folder
 
 WORDS = (  # noqa: SIM905
@@ -81,6 +83,27 @@ def micro_bench_settings(
     }
     settings.update(overrides)
     return settings
+
+
+MIXED_LENGTHS = [24, 6, 20, 10, 3]
+MIXED_PROMPTS = [18, 3, 15, 4, 2]  # long and short prompts in one batch
+
+
+def mixed_prompt_data(vocab: int, seed: int = 0) -> TokenizedData:
+    """Random ids below ``vocab`` with long and short prompts in one batch: the response window
+    of a batch is set by its earliest response token."""
+    rng = np.random.default_rng(seed)
+    ids = [rng.integers(1, vocab, n).tolist() for n in MIXED_LENGTHS]
+    labels = [[-100] * p + x[p:] for p, x in zip(MIXED_PROMPTS, ids, strict=True)]
+    return TokenizedData(input_ids=ids, labels=labels, pad_token_id=0)
+
+
+def lm_head_lengths(model: Any) -> list[int]:
+    """How many positions each later call of the model's lm_head sees (a forward hook)."""
+    seen: list[int] = []
+    head = model.get_output_embeddings()
+    head.register_forward_hook(lambda _m, args, _out: seen.append(args[0].shape[1]))
+    return seen
 
 
 @pytest.fixture(scope="session")

@@ -10,6 +10,7 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from conftest import lm_head_lengths, mixed_prompt_data
 from speccore.data.tokenized import TokenizedData, collate
 from speccore.errors import ModelError
 from speccore.scoring import losses
@@ -235,30 +236,13 @@ def test_a_layer_called_twice_sums_its_gradients_before_the_norm() -> None:
 # --- logits only over the response window ---------------------------------------------------
 
 
-def mixed_prompt_data(seed: int = 0) -> TokenizedData:
-    """Long and short prompts in one batch: the window is set by the earliest response token."""
-    gen = torch.Generator().manual_seed(seed)
-    lengths, prompts = [24, 6, 20, 10, 3], [18, 3, 15, 4, 2]
-    ids = [torch.randint(1, VOCAB, (n,), generator=gen).tolist() for n in lengths]
-    labels = [[-100] * p + x[p:] for p, x in zip(prompts, ids, strict=True)]
-    return TokenizedData(input_ids=ids, labels=labels, pad_token_id=0)
-
-
-def lm_head_lengths(model: nn.Module) -> list[int]:
-    """How many positions each later call of the (base) lm_head sees."""
-    seen: list[int] = []
-    head = model.get_output_embeddings()
-    head.register_forward_hook(lambda _m, args, _out: seen.append(args[0].shape[1]))
-    return seen
-
-
 @pytest.mark.parametrize("side", ["right", "left"])
 def test_windowed_effort_matches_full_logit_reference(
     side: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The batched path runs the lm_head on the window only; the reference on every position."""
     model = tiny_lora_llama(seed=7)
-    batch = collate(mixed_prompt_data(seed=7), range(5), padding_side=side)
+    batch = collate(mixed_prompt_data(VOCAB, seed=7), range(5), padding_side=side)
     length = batch["labels"].shape[1]
     seen = lm_head_lengths(model)
     fast = effort_batch(model, batch)
@@ -273,7 +257,7 @@ def test_windowed_effort_matches_full_logit_reference(
 
 def test_windowed_effort_matches_reference_float32() -> None:
     model = tiny_lora_llama(torch.float32, seed=8)
-    batch = collate(mixed_prompt_data(seed=8), range(5), padding_side="left")
+    batch = collate(mixed_prompt_data(VOCAB, seed=8), range(5), padding_side="left")
     assert rel_err(effort_batch(model, batch), effort_reference(model, batch)) <= 1e-4
 
 
@@ -281,7 +265,7 @@ def test_windowed_effort_matches_reference_float32() -> None:
 def test_lora_on_the_lm_head_sees_only_the_window(side: str) -> None:
     """A LoRA pair after the logits slice gets [B, keep] inputs, aligned to the last columns."""
     model = tiny_lora_llama(seed=9, target_modules=[*TARGETS, "lm_head"])
-    data = mixed_prompt_data(seed=9)
+    data = mixed_prompt_data(VOCAB, seed=9)
     data.labels[1] = [-100] * len(data.labels[1])  # and a sample with nothing to score
     batch = collate(data, range(5), padding_side=side)
     seen = lm_head_lengths(model)

@@ -10,6 +10,7 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from conftest import MIXED_LENGTHS, lm_head_lengths, mixed_prompt_data
 from speccore.data.tokenized import TokenizedData, collate
 from speccore.scoring import losses
 from speccore.scoring.embeddings import embedding_batch
@@ -174,24 +175,6 @@ def test_scorers_restore_the_models_mode() -> None:
 
 # --- logits only over the response window ---------------------------------------------------
 
-MIXED_LENGTHS = [24, 6, 20, 10, 3]
-MIXED_PROMPTS = [18, 3, 15, 4, 2]  # long and short prompts in one batch
-
-
-def mixed_data(seed: int = 0) -> TokenizedData:
-    rng = np.random.default_rng(seed)
-    ids = [rng.integers(1, VOCAB, n).tolist() for n in MIXED_LENGTHS]
-    labels = [[-100] * p + x[p:] for p, x in zip(MIXED_PROMPTS, ids, strict=True)]
-    return TokenizedData(input_ids=ids, labels=labels, pad_token_id=0)
-
-
-def lm_head_lengths(model: nn.Module) -> list[int]:
-    """How many positions each later call of the lm_head sees (a hook on this test's model)."""
-    seen: list[int] = []
-    head = model.get_output_embeddings()
-    head.register_forward_hook(lambda _m, args, _out: seen.append(args[0].shape[1]))
-    return seen
-
 
 def test_response_window() -> None:
     i = -100
@@ -211,7 +194,7 @@ def test_response_window() -> None:
 @pytest.mark.parametrize("side", ["right", "left"])
 def test_response_logits_give_the_full_token_losses(side: str) -> None:
     model = tiny_model(seed=5)
-    batch = collate(mixed_data(seed=5), range(len(MIXED_LENGTHS)), side)
+    batch = collate(mixed_prompt_data(VOCAB, seed=5), range(len(MIXED_LENGTHS)), side)
     length = batch["labels"].shape[1]
     full_ce, full_mask = token_losses(logits_of(model, batch), batch["labels"])
     seen = lm_head_lengths(model)
@@ -233,7 +216,7 @@ def test_windowed_scores_equal_full_logit_scores(
     score, side: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     model = tiny_model(seed=6)
-    data = mixed_data(seed=6)
+    data = mixed_prompt_data(VOCAB, seed=6)
     data.labels[3] = [-100] * len(data.labels[3])  # and a sample with nothing to score
     batch = collate(data, range(len(MIXED_LENGTHS)), side)
     seen = lm_head_lengths(model)
@@ -260,7 +243,7 @@ def test_a_model_without_logits_to_keep_gets_full_logits() -> None:
     model = tiny_model(seed=7)
     wrapped = Wrapper(model)
     assert accepts_logits_to_keep(model) and not accepts_logits_to_keep(wrapped)
-    batch = collate(mixed_data(seed=7), range(len(MIXED_LENGTHS)), "left")
+    batch = collate(mixed_prompt_data(VOCAB, seed=7), range(len(MIXED_LENGTHS)), "left")
     with torch.no_grad(), eval_mode(model):
         logits, labels = response_logits(wrapped, batch)
     keep = response_window(batch["labels"])
@@ -271,7 +254,7 @@ def test_a_model_without_logits_to_keep_gets_full_logits() -> None:
 
 def test_embeddings_skip_the_lm_head(monkeypatch: pytest.MonkeyPatch) -> None:
     model = tiny_model(seed=8)
-    batch = collate(mixed_data(seed=8), range(len(MIXED_LENGTHS)), "left")
+    batch = collate(mixed_prompt_data(VOCAB, seed=8), range(len(MIXED_LENGTHS)), "left")
     seen = lm_head_lengths(model)
     fast = embedding_batch(model, batch)
     monkeypatch.setattr(losses, "LOGITS_WINDOW", False)
@@ -288,7 +271,7 @@ def test_gemma3_window_equals_full_logits(side: str, monkeypatch: pytest.MonkeyP
     base = tiny_causal_lm(VOCAB, arch="gemma3", seed=9)
     model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]))
     assert accepts_logits_to_keep(model)
-    batch = collate(mixed_data(seed=9), range(len(MIXED_LENGTHS)), side)
+    batch = collate(mixed_prompt_data(VOCAB, seed=9), range(len(MIXED_LENGTHS)), side)
     seen = lm_head_lengths(model)
     windowed = [loss_batch(model, batch), el2n_batch(model, batch)]
     monkeypatch.setattr(losses, "LOGITS_WINDOW", False)

@@ -356,21 +356,10 @@ def test_token_labels_jsonl_trains_the_kept_tokens_with_hf_collator(
 
 
 def provider_for(model_dirs: dict[str, Path], n: int = 12, **kw: Any) -> ModelProvider:
-    from conftest import make_rows
+    from conftest import make_rows, tiny_select_config
 
-    settings: dict[str, Any] = dict(
-        data="unused",
-        input_field="dialogue",
-        output_field="summary",
-        small=str(model_dirs["small"]),
-        target=str(model_dirs["target"]),
-        small_epochs=1,
-        batch_size=4,
-        max_length=48,
-        token_keep=0.5,
-    )
-    settings.update(kw)
-    cfg = SelectConfig(**settings)
+    settings: dict[str, Any] = {"max_length": 48, "token_keep": 0.5, **kw}
+    cfg = tiny_select_config(Path("unused"), model_dirs, **settings)
     cfg.validate()
     return ModelProvider(cfg, datasets.Dataset.from_list(make_rows(n)))
 
