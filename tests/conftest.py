@@ -49,7 +49,7 @@ def tiny_select_config(data: Path, dirs: dict[str, Path], **overrides: object) -
         group_field="topic",
     )
     settings.update(overrides)
-    return SelectConfig(**settings)  # type: ignore[arg-type]
+    return SelectConfig.from_dict(settings)
 
 
 def micro_bench_settings(

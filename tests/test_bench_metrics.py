@@ -12,11 +12,14 @@ from speccore.bench.metrics import (
     MetricSettings,
     UnicodeTokenizer,
     bleu_from_statistics,
+    bleu_from_statistics_batch,
     bleu_statistics,
     bootstrap_bleu_ci,
     bootstrap_mean_ci,
     corpus_bleu,
     evaluate,
+    evaluate_rows,
+    nll_metrics,
     rouge_l,
 )
 from speccore.errors import ConfigError
@@ -67,6 +70,25 @@ def test_bleu_statistics_sum_to_sacrebleus_corpus_bleu() -> None:
     assert bleu_from_statistics(stats) == pytest.approx(corpus_bleu(preds, refs))
 
 
+def test_vectorised_bleu_is_sacrebleus_formula() -> None:
+    rng = np.random.default_rng(3)
+    cases = [rng.integers(0, 6, 10) for _ in range(300)]
+    # Counts that can happen: matches <= totals, shorter and longer hypotheses, no 4-grams.
+    cases += [np.array([3, 6, 2, 0, 0, 0, 3, 2, 1, 0]), np.array([5, 4, 0, 0, 0, 0, 5, 4, 3, 2])]
+    cases += [np.array([9, 12, 7, 4, 0, 1, 9, 8, 7, 6]), np.zeros(10, dtype=int)]
+    for stats in cases:
+        stats[2:6] = np.minimum(stats[2:6], stats[6:10])
+        expected = bleu_from_statistics(stats)
+        assert bleu_from_statistics_batch(stats[None])[0] == pytest.approx(expected, abs=1e-9)
+    # On a whole corpus: the summed per-row statistics give sacrebleu's corpus score.
+    preds = ["the cat sat on a mat", "hello world there", "a b c d e f", "x", "dogs bark"]
+    refs = [[REF], ["hello there world"], ["a b c x e f"], ["x y z"], [REF]]
+    stats = bleu_statistics(preds, refs)
+    whole = corpus_bleu(preds, refs)
+    assert whole > 20  # matches at every order, a brevity penalty: not a degenerate 0
+    assert bleu_from_statistics_batch(stats.sum(axis=0)) == pytest.approx(whole, abs=1e-9)
+
+
 def test_default_tokenizer_drops_umlauts_the_unicode_one_does_not() -> None:
     pred, ref = "die Größe ändern", "die Gräße ändern"
     # rouge-score's default tokenizer keeps [a-z0-9] only: "größe" and "gräße" both become "gr e".
@@ -111,6 +133,25 @@ def test_evaluate_reports_both_metrics_with_intervals() -> None:
     assert out["rougeL_per_sample"][1] == 0.0
     assert out["rougeL_lo"] <= out["rougeL"] <= out["rougeL_hi"]
     assert out["bleu4"] == pytest.approx(corpus_bleu(preds, refs))
+
+
+def test_evaluate_rows_keeps_every_per_row_value() -> None:
+    preds = ["the cat sat on a mat", "dogs bark", REF]
+    refs = [[REF], [REF], [REF]]
+    settings = MetricSettings(bootstrap=200, bleu_bootstrap=50)
+    metrics, per_row = evaluate_rows(preds, refs, settings)
+    assert metrics == {
+        k: v for k, v in evaluate(preds, refs, settings).items() if k != "rougeL_per_sample"
+    }
+    assert per_row.keys() == {"rougeL", "bleu4_stats"}  # no NLL given
+    assert per_row["rougeL"] == evaluate(preds, refs, settings)["rougeL_per_sample"]
+    assert bleu_from_statistics(np.array(per_row["bleu4_stats"])) == pytest.approx(metrics["bleu4"])
+    metrics, per_row = evaluate_rows(preds, refs, settings, nll=[1.0, 3.0, 0.5])
+    assert metrics["nll"] == pytest.approx(1.5) and metrics["n_nll"] == 3
+    assert 0.5 <= metrics["nll_lo"] <= 1.5 <= metrics["nll_hi"] <= 3.0
+    assert per_row["nll"] == [1.0, 3.0, 0.5]
+    with pytest.raises(ValueError, match="finite"):
+        nll_metrics(np.array([1.0, float("nan")]))
 
 
 def test_bad_inputs_raise() -> None:

@@ -32,19 +32,21 @@ def bench_settings(tmp_path: Path, model_dirs: dict[str, Path]) -> dict[str, Any
 
 def test_shipped_configs_load() -> None:
     mini = load_bench_config(REPO / "bench" / "mini-uitrans.yaml")
-    assert mini.metrics.unicode_rouge and mini.data.train_rows == 600
-    assert [c.name for c in plan_cells(mini)][:2] == ["zero-shot", "full_s0"]
-    assert len(plan_cells(mini)) == 2 + 6 * 2 + 2  # 6 methods × 2 rates, 2 token cells
-    dialogsum = [
-        c.name for c in plan_cells(load_bench_config(REPO / "bench" / "mini-dialogsum.yaml"))
-    ]
-    assert len(dialogsum) == 16
-    assert {"staff_p0.9_s0", "staff_p0.9_s0_tok0.6", "random_p0.9_s0"} <= set(dialogsum)
-    assert "random_p0.9_s0_tok0.6" not in dialogsum  # token_methods: [staff]
-    assert mini.token_keeps == [1.0, 0.6] and mini.token_methods == ["staff"]
+    assert mini.metrics.unicode_rouge and mini.data.train_rows == 400
+    assert mini.data.eval_rows == 200 and mini.seeds == [0, 1, 2]
+    cells = [c.name for c in plan_cells(mini)]
+    assert cells[:2] == ["zero-shot", "full_s0"]
+    assert len(cells) == 1 + 3 + 7 * 2 * 3  # 7 methods × 2 rates × 3 seeds
+    assert {"s2l_p0.9_s2", "perplexity_p0.7_s0", "staff-derived_p0.9_s1"} <= set(cells)
+    derived = mini.select_config("staff-derived", 0.9, 1)
+    assert derived.method == "staff" and derived.small == "derive:0.5"
+    assert mini.select_config("staff", 0.9, 1).small == "smollm2-135m"
+    dialogsum = load_bench_config(REPO / "bench" / "mini-dialogsum.yaml")
+    assert dialogsum.data.eval_rows == 100 and len(plan_cells(dialogsum)) == 46
     full = load_bench_config(REPO / "bench" / "full-dialogsum.yaml")
     sel = full.select_config("staff", 0.9, 2)
-    assert (sel.regions, sel.verify_per_region, sel.small_epochs, sel.seed) == (50, 10, 3.0, 2)
+    staff = sel.method_settings
+    assert (staff.regions, staff.verify_per_region, sel.small_epochs, sel.seed) == (50, 10, 3.0, 2)
     assert len(plan_cells(full)) == 1 + 3 + 8 * 5 * 3
 
 
@@ -61,7 +63,7 @@ def test_defaults_are_the_papers_grid(bench_settings: dict[str, Any]) -> None:
         ({"finetune": {"lr": 1e-4}}, "unknown key finetune.lr; valid keys in finetune"),
         ({"generation": {"max_new_tokens": "many"}}, "generation.max_new_tokens must be int"),
         ({"select": {"seed": 3}}, "select.seed is set by the bench from seeds"),
-        ({"select": {"regionz": 3}}, "unknown setting(s) regionz"),
+        ({"select": {"regionz": 3}}, "unknown setting 'regionz'; did you mean regions"),
         ({"methods": ["staff", "magic"]}, "unknown method 'magic'"),
         ({"prune_rates": [0.0]}, "prune_rates must be in (0, 1)"),
         ({"finetune": {"seed": 4}}, "finetune.seed is not used"),
@@ -185,12 +187,12 @@ def test_resume_after_an_interruption_recomputes_nothing_finished(
         computed.append(cell.name)
         return real_run_cell(self, cell)
 
-    import speccore.models as models
+    import speccore.models.pool as pool  # every model load goes through the pool
 
-    real_load = models.load_model
+    real_load = pool.load_model
     monkeypatch.setattr(BenchRunner, "run_cell", counting)
     monkeypatch.setattr(
-        models, "load_model", lambda *a, **k: loads.append(a[0]) or real_load(*a, **k)
+        pool, "load_model", lambda *a, **k: loads.append(a[0]) or real_load(*a, **k)
     )
     result = run_bench(cfg)
     assert computed == ["full_s0", "random_p0.5_s0"] == result.ran

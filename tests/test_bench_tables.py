@@ -1,5 +1,7 @@
 """Bench reports: Table-1/Table-2 rendering from a fixed results.csv (mean ± std, bold best,
-underlined second, intervals), the CSV round trip, the Rand index and the plots."""
+underlined second, intervals), with a fixed paired.csv (bold only when significant, tied
+leaders, the "Δ vs random" blocks and the verdict), the CSV round trip, the Rand index and the
+plots."""
 
 from __future__ import annotations
 
@@ -8,9 +10,12 @@ from pathlib import Path
 
 import pytest
 
+from speccore.bench.paired import PairedDiff, read_paired_csv
 from speccore.bench.plots import write_plots
 from speccore.bench.run import rand_index
 from speccore.bench.tables import (
+    columns_for,
+    delta_table,
     metric_table,
     overhead_table,
     rank_marks,
@@ -18,6 +23,7 @@ from speccore.bench.tables import (
     render_tables,
     stage_column,
     stage_label,
+    verdict,
     write_results_csv,
 )
 
@@ -41,11 +47,41 @@ el2n,0.9,1,10,100,10,26,24,28,9,8,10,30,,,10,5,,
 """
 
 
+# Paired comparisons for RESULTS (as paired.py writes them). ROUGE-L: at p = 0.5 staff is
+# significantly ahead of random (the runner-up), el2n significantly behind; at p = 0.9 staff and
+# el2n (tied at 26 by mean) are not significantly apart, random is behind staff. BLEU-4: only
+# p = 0.5 was paired (the p = 0.9 cells carry no per-row values), and nothing there is
+# significant.
+PAIRED = """\
+metric,prune_rate,method,baseline,kind,delta,lo,hi,p,seed_std,n_seeds,n_rows,resamples,confidence
+rougeL,0.5,staff,random,random,2.0,0.8,3.1,0.004,1.0,2,10,1000,0.95
+rougeL,0.5,el2n,random,random,-10.0,-12.0,-8.0,0.0002,1.4,2,10,1000,0.95
+rougeL,0.5,staff,random,best_other,2.0,0.8,3.1,0.004,1.0,2,10,1000,0.95
+rougeL,0.5,random,staff,best_other,-2.0,-3.1,-0.8,0.004,1.0,2,10,1000,0.95
+rougeL,0.5,el2n,staff,best_other,-12.0,-14.0,-10.0,0.0002,1.4,2,10,1000,0.95
+rougeL,0.9,staff,random,random,4.0,-0.5,8.0,0.08,0.0,2,10,1000,0.95
+rougeL,0.9,el2n,random,random,4.0,0.5,7.5,0.03,2.8,2,10,1000,0.95
+rougeL,0.9,staff,el2n,best_other,0.0,-1.5,1.5,1.0,1.4,2,10,1000,0.95
+rougeL,0.9,random,staff,best_other,-4.0,-6.0,-2.0,0.001,0.0,2,10,1000,0.95
+rougeL,0.9,el2n,staff,best_other,0.0,-1.5,1.5,1.0,1.4,2,10,1000,0.95
+bleu4,0.5,staff,random,random,2.0,-0.4,4.5,0.11,1.4,2,10,1000,0.95
+bleu4,0.5,staff,random,best_other,2.0,-0.4,4.5,0.11,1.4,2,10,1000,0.95
+bleu4,0.5,el2n,random,random,-5.5,-9.0,0.5,0.07,0.7,2,10,1000,0.95
+"""
+
+
 @pytest.fixture
 def rows(tmp_path: Path) -> list[dict[str, object]]:
     path = tmp_path / "results.csv"
     path.write_text(RESULTS, encoding="utf-8")
     return read_results_csv(path)
+
+
+@pytest.fixture
+def paired(tmp_path: Path) -> list[PairedDiff]:
+    path = tmp_path / "paired.csv"
+    path.write_text(PAIRED, encoding="utf-8")
+    return read_paired_csv(path)
 
 
 def line_of(table: str, label: str) -> str:
@@ -75,6 +111,112 @@ def test_rouge_table_marks_best_bold_and_second_underlined(rows: list[dict[str, 
         "| zero-shot (no fine-tuning) | 10.00 [8.0, 12.0] |"
     )
     assert "mean ± std over 2 seeds" in table
+    assert "by mean (not tested: no paired comparisons)" in table
+
+
+def test_best_is_bold_only_when_significantly_ahead_of_the_second(
+    rows: list[dict[str, object]], paired: list[PairedDiff]
+) -> None:
+    table = metric_table(rows, "rougeL", paired)
+    # p = 0.5: staff significantly ahead of random: bold and underlined. p = 0.9: staff and el2n
+    # tie (interval [-1.5, 1.5]): nobody bold.
+    assert line_of(table, "staff") == (
+        "| staff |  | **33.00 ± 1.41** [31.0, 35.0] | 26.00 ± 1.41 [24.0, 28.0] |"
+    )
+    assert line_of(table, "random") == (
+        "| random |  | <u>31.00 ± 0.00</u> [29.0, 33.0] | 22.00 ± 2.83 [20.0, 24.0] |"
+    )
+    assert (
+        line_of(table, "el2n")
+        == "| el2n |  | 21.00 ± 1.41 [19.0, 23.0] | 26.00 ± 0.00 [24.0, 28.0] |"
+    )
+    assert (
+        "- p = 0.5: **staff** significantly ahead of random: +2.00 [+0.80, +3.10], p-value 0.004."
+        in table
+    )
+    # random is significantly behind staff: not among the tied leaders.
+    assert (
+        "- p = 0.9: leaders tied (staff, el2n); staff − el2n: +0.00 [-1.50, +1.50], p-value 1."
+        in table
+    )
+    # BLEU-4: at p = 0.5 staff (13) leads random (11) without a significant gap; at p = 0.9
+    # el2n leads staff but the pair was never tested.
+    bleu = metric_table(rows, "bleu4", paired)
+    assert "**" not in bleu.split("\n\n")[0]
+    assert "- p = 0.5: leaders tied (staff, random); staff − random: +2.00 [-0.40, +4.50]" in bleu
+    assert "- p = 0.9: leaders el2n, staff not tested (no paired per-row values)." in bleu
+
+
+def test_delta_blocks_mark_only_intervals_that_exclude_zero(
+    rows: list[dict[str, object]], paired: list[PairedDiff]
+) -> None:
+    table = delta_table(rows, paired, "rougeL")
+    assert table.splitlines()[0] == "| method − random | p = 0.5 | p = 0.9 |"
+    assert line_of(table, "staff") == (
+        "| staff | +2.00 ± 1.00 [+0.80, +3.10], p-value 0.004 ▲ "
+        "| +4.00 ± 0.00 [-0.50, +8.00], p-value 0.08 |"
+    )
+    assert line_of(table, "el2n") == (
+        "| el2n | -10.00 ± 1.40 [-12.00, -8.00], p-value < 0.001 ▼ "
+        "| +4.00 ± 2.80 [+0.50, +7.50], p-value 0.03 ▲ |"
+    )
+    assert "| random |" not in table
+    assert "1000 resamples of the 10 evaluation rows" in table
+    # No BLEU pair at p = 0.9: shown as "—".
+    bleu = delta_table(rows, paired, "bleu4")
+    assert line_of(bleu, "staff") == "| staff | +2.00 ± 1.40 [-0.40, +4.50], p-value 0.11 | — |"
+
+
+def test_verdict_says_who_beats_random_where(
+    rows: list[dict[str, object]], paired: list[PairedDiff]
+) -> None:
+    text = verdict(rows, paired)
+    assert text.startswith(
+        "Paired against random on the same evaluation rows and seeds (2 seeds; 10 evaluation "
+        "rows; 95% paired bootstrap intervals): At p = 0.5, staff beats random on ROUGE-L "
+        "(+2.00 [+0.80, +3.10], p-value 0.004); el2n is worse than random on ROUGE-L "
+        "(-10.00 [-12.00, -8.00], p-value < 0.001). At p = 0.9, el2n beats random on ROUGE-L "
+        "(+4.00 [+0.50, +7.50], p-value 0.03). Every other difference is within noise."
+    )
+    assert "6 comparisons with random" in text
+    nothing = [d for d in paired if d.metric == "bleu4"]
+    assert "At p = 0.5, no method differs significantly from random." in verdict(rows, nothing)
+    assert verdict(rows, []).startswith("No paired comparison with random")
+    assert verdict(rows, None).startswith("No paired comparisons")
+    md = render_tables(rows, "T", paired)
+    assert md.index("## Verdict") < md.index("## ROUGE-L") < md.index("### Δ vs random: ROUGE-L")
+    assert md.index("### Δ vs random: ROUGE-L") < md.index("## BLEU-4")
+    # No cell has a reference NLL (a results.csv from before it): the section says so.
+    assert "## Reference NLL (nats/token, lower is better)\n\n_No cell has a reference NLL" in md
+
+
+def test_reference_nll_ranks_lower_first_and_missing_values_show_a_dash(
+    rows: list[dict[str, object]], tmp_path: Path
+) -> None:
+    with_nll = [dict(r) for r in rows]
+    for r in with_nll:  # NLL only for the p = 0.5 cells, as if p = 0.9 ran before it existed
+        if r["prune_rate"] == 0.5:
+            r.update(nll=2.0 - float(r["rougeL"]) / 100, nll_lo=1.5, nll_hi=2.5, n_nll=20)
+    table = metric_table(with_nll, "nll")
+    # staff has the highest ROUGE-L, so the lowest NLL: best.
+    assert line_of(table, "staff") == "| staff |  | **1.670 ± 0.014** [1.500, 2.500] | — |"
+    assert line_of(table, "el2n") == "| el2n |  | 1.790 ± 0.014 [1.500, 2.500] | — |"
+    assert rank_marks({"a": 1.2, "b": 1.1, "c": 1.3}, 2, higher_is_better=False) == {
+        "b": "best",
+        "a": "second",
+    }
+    columns = columns_for(with_nll)
+    assert columns[columns.index("bleu4_hi") + 1 : columns.index("bleu4_hi") + 5] == [
+        "nll",
+        "nll_lo",
+        "nll_hi",
+        "n_nll",
+    ]
+    assert "nll" not in columns_for(rows)
+    out = tmp_path / "nll.csv"
+    write_results_csv(out, with_nll)
+    again = read_results_csv(out)
+    assert [r.get("nll") for r in again] == [r.get("nll") for r in with_nll]
 
 
 def test_bleu_block_ranks_its_own_metric(rows: list[dict[str, object]]) -> None:
@@ -164,6 +306,21 @@ def test_plots_are_written(rows: list[dict[str, object]], tmp_path: Path) -> Non
         "bleu4_vs_prune_rate.png",
         "staff_regions_p0.5.png",
         "staff_effort_small_vs_target.png",
+    }
+    for name in written:
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_delta_plots_are_written_with_paired_comparisons(
+    rows: list[dict[str, object]], paired: list[PairedDiff], tmp_path: Path
+) -> None:
+    written = {p.name for p in write_plots(tmp_path, rows, paired)}
+    # No NLL in the rows: neither its level nor its Δ plot.
+    assert written == {
+        "rougeL_vs_prune_rate.png",
+        "rougeL_delta_vs_random.png",
+        "bleu4_vs_prune_rate.png",
+        "bleu4_delta_vs_random.png",
     }
     for name in written:
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -212,7 +212,7 @@ def test_plan_names_and_labels(settings: dict[str, Any]) -> None:
             "no method of token_methods ['staff'] is in methods ['random']",
         ),
         ({"select": {"token_keep": 0.6}}, "select.token_keep is set by the bench from token_keeps"),
-        ({"select": {"token_scorer": "big"}}, "--token-scorer must be one of small, target"),
+        ({"select": {"token_scorer": "big"}}, "--token-scorer: invalid choice: 'big'"),
     ],
 )
 def test_token_config_errors_name_the_key(

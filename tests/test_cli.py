@@ -22,11 +22,19 @@ def base_args(data: Path, dirs: dict[str, Path], out: Path) -> list[str]:
 def test_every_config_field_is_a_flag() -> None:
     import dataclasses
 
-    from speccore.config import SelectConfig
+    from speccore.config import SelectConfig, select_flags
 
     args = build_parser().parse_args(["select", "--data", "x", "--no-fill", "--regions", "7"])
     assert args.fill is False and args.regions == 7
-    assert {f.name for f in dataclasses.fields(SelectConfig)} <= set(vars(args))
+    shared = {f.name for f in dataclasses.fields(SelectConfig)} - {
+        "lora",
+        "train",
+        "method_options",
+    }
+    assert shared <= set(vars(args))
+    # Nested groups and every method's settings are flags too (flat names).
+    assert {f.name for f in select_flags()} <= set(vars(args))
+    assert {"lora_r", "learning_rate", "d2_k", "ccs_beta", "verify_per_region"} <= set(vars(args))
     for flag in (
         "--method",
         "--score",
@@ -85,15 +93,19 @@ GOOD = '{"dialogue": "a b c", "summary": "x y"}\n'
     [
         ("missing file", ["--data", "nope.jsonl"], "nope.jsonl"),
         ("empty", ["--data", "@"], "no rows"),
-        ("malformed line", ["--data", GOOD + "{oops\n"], "line 2"),
-        ("missing field", ["--data", GOOD + '{"dialogue": "a"}\n'], "row 1"),
-        ("non-string", ["--data", GOOD + '{"dialogue": "a", "summary": 5}\n'], "line 2"),
+        ("malformed line", ["--data", GOOD + "{oops\n"], "row 2 (1-based)"),
+        ("missing field", ["--data", GOOD + '{"dialogue": "a"}\n'], "row 2 (1-based)"),
+        ("non-string", ["--data", GOOD + '{"dialogue": "a", "summary": 5}\n'], "row 2 (1-based)"),
         ("prune rate 1", ["--prune-rate", "1"], "--prune-rate"),
         ("prune rate < 0", ["--prune-rate", "-0.1"], "--prune-rate"),
         ("K < 1", ["--regions", "0"], "--regions"),
         ("b_v < 1", ["--verify-per-region", "0"], "--verify-per-region"),
         ("budget < 1", ["--prune-rate", "0.99"], "coreset would be empty"),
-        ("empty response", ["--data", GOOD + '{"dialogue": "a", "summary": ""}\n'], "row 1"),
+        (
+            "empty response",
+            ["--data", GOOD + '{"dialogue": "a", "summary": ""}\n'],
+            "row 2 (1-based)",
+        ),
         ("unknown method", ["--method", "magic"], "staff"),
     ],
 )

@@ -12,7 +12,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from speccore.data import data_format, load_rows, write_coreset
+from speccore.data import (
+    Formatting,
+    data_format,
+    format_rows,
+    load_rows,
+    prompt_texts,
+    row_label,
+    write_coreset,
+)
 from speccore.errors import DataError
 
 # All text (so CSV, which has no types, loads the same values) with the awkward cases: commas,
@@ -171,23 +179,27 @@ def test_folder_that_is_not_a_saved_dataset(tmp_path: Path) -> None:
 
 def test_malformed_json_line_names_the_line(tmp_path: Path) -> None:
     source = tmp_path / "train.jsonl"
-    # line 3 is blank (no row) but still counts as a line of the file
+    # line 3 is blank (no row) but still counts as a line of the file: row 3 sits on line 4
     source.write_text('{"a": "1"}\n{"a": "2"}\n\n{"a": "3",}\n', encoding="utf-8")
-    with pytest.raises(DataError, match=r"^train\.jsonl line 4: invalid JSON \("):
+    with pytest.raises(
+        DataError, match=r"^train\.jsonl row 3 \(1-based, line 4\): invalid JSON \("
+    ):
         load_rows(str(source))
 
 
 def test_jsonl_line_that_is_not_an_object(tmp_path: Path) -> None:
     source = tmp_path / "train.jsonl"
     source.write_text('{"a": "1"}\n["a", "2"]\n', encoding="utf-8")
-    with pytest.raises(DataError, match=r"train\.jsonl line 2: expected a JSON object, got a list"):
+    with pytest.raises(
+        DataError, match=r"^train\.jsonl row 2 \(1-based\): expected a JSON object, got a list"
+    ):
         load_rows(str(source))
 
 
 def test_json_list_item_that_is_not_an_object(tmp_path: Path) -> None:
     source = tmp_path / "train.json"
     source.write_text('[{"a": "1"}, "oops"]', encoding="utf-8")
-    with pytest.raises(DataError, match=r"train\.json item 1: expected a JSON object"):
+    with pytest.raises(DataError, match=r"^train\.json row 2 \(1-based\): expected a JSON object"):
         load_rows(str(source))
 
 
@@ -201,7 +213,7 @@ def test_json_single_object_is_explained(tmp_path: Path) -> None:
 def test_mixed_types_in_a_field_name_the_line(tmp_path: Path) -> None:
     source = tmp_path / "train.jsonl"
     source.write_text('{"a": "x"}\n{"a": "y"}\n{"a": 5}\n', encoding="utf-8")
-    with pytest.raises(DataError, match=r"train\.jsonl line 3: field 'a' is a number"):
+    with pytest.raises(DataError, match=r"^train\.jsonl row 3 \(1-based\): field 'a' is a number"):
         load_rows(str(source))
 
 
@@ -231,7 +243,10 @@ def test_empty_data(tmp_path: Path, name: str, content: str) -> None:
 def test_csv_record_with_wrong_field_count(tmp_path: Path) -> None:
     source = tmp_path / "train.csv"
     source.write_text("a,b\n1,2\n3,4,5\n", encoding="utf-8")
-    with pytest.raises(DataError, match=r"train\.csv line 3: 3 fields, the header has 2"):
+    # the header is line 1, so data row 2 is line 3
+    with pytest.raises(
+        DataError, match=r"^train\.csv row 2 \(1-based, line 3\): 3 fields, the header has 2"
+    ):
         load_rows(str(source))
 
 
@@ -281,3 +296,139 @@ def test_file_that_is_not_gzip(tmp_path: Path) -> None:
     source.write_bytes(b'{"a": "1"}\n')
     with pytest.raises(DataError, match=r"train\.jsonl\.gz: cannot read the file"):
         load_rows(str(source))
+
+
+# --- unreadable files: one line naming the file, never a zlib / pyarrow / codec traceback ------
+
+
+def _corrupt_gzip(payload: bytes) -> bytes:
+    """A gzip file with a valid header whose deflate body is damaged (zlib.error when read)."""
+    raw = bytearray(gzip.compress(payload, mtime=0))
+    for i in range(20, min(len(raw) - 8, 120)):
+        raw[i] ^= 0x5A
+    return bytes(raw)
+
+
+def _many_rows() -> bytes:
+    # varied text, so the deflate stream is long enough to damage in the middle
+    return b"".join(
+        json.dumps({"q": f"question {i} {i * 7919 % 1013}", "a": f"answer {i * i}"}).encode()
+        + b"\n"
+        for i in range(400)
+    )
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "json", "csv", "parquet"])
+def test_corrupt_gzip_body_is_one_line_data_error(tmp_path: Path, kind: str) -> None:
+    source = tmp_path / f"train.{kind}.gz"
+    source.write_bytes(_corrupt_gzip(_many_rows()))
+    with pytest.raises(DataError) as err:
+        load_rows(str(source))
+    message = str(err.value)
+    assert message.startswith(f"{source}: cannot read the file: corrupt or truncated gzip data (")
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "expected"),
+    [
+        ("trunc.jsonl.gz", gzip.compress(b'{"a": "1"}\n' * 500, mtime=0)[:40], "corrupt or trunc"),
+        ("crc.jsonl.gz", gzip.compress(b'{"a": "1"}\n', mtime=0)[:-8] + b"\1" * 8, "corrupt or"),
+        ("bad.parquet", b"PAR1 this is not parquet PAR1", "not a readable Parquet file"),
+        ("latin1.jsonl", '{"a": "caf\u00e9"}\n'.encode("latin-1"), "not valid UTF-8"),
+        ("latin1.csv", "a\ncaf\u00e9\n".encode("latin-1"), "not valid UTF-8"),
+        ("latin1.json", '[{"a": "caf\u00e9"}]'.encode("latin-1"), "not valid UTF-8"),
+        ("cut.json", b'[{"a": "1"}, {"a": ', "invalid JSON"),
+    ],
+    ids=[
+        "truncated-gzip",
+        "bad-crc",
+        "bad-parquet",
+        "latin1-jsonl",
+        "latin1-csv",
+        "latin1-json",
+        "cut-json",
+    ],
+)
+def test_unreadable_files_name_the_file_on_one_line(
+    tmp_path: Path, name: str, content: bytes, expected: str
+) -> None:
+    source = tmp_path / name
+    source.write_bytes(content)
+    with pytest.raises(DataError, match=expected) as err:
+        load_rows(str(source))
+    assert name in str(err.value) and "\n" not in str(err.value)
+
+
+def test_input_damaged_after_loading_is_a_data_error_when_writing(tmp_path: Path) -> None:
+    source = tmp_path / "train.jsonl.gz"
+    source.write_bytes(gzip.compress(_many_rows(), mtime=0))
+    dataset = load_rows(str(source))
+    source.write_bytes(_corrupt_gzip(_many_rows()))
+    with pytest.raises(DataError, match="corrupt or truncated gzip data"):
+        write_coreset(str(source), dataset, [0, 1], tmp_path / "out")
+    assert not (tmp_path / "out" / "coreset.jsonl").exists()
+
+
+# --- one row numbering in the loader and the formatter ----------------------------------------
+
+
+def test_loader_and_formatter_name_a_row_the_same_way(tmp_path: Path) -> None:
+    # Row 3 (1-based) is the third data row; a blank line before it puts it on line 4.
+    lines = ['{"q": "a", "r": "x"}', '{"q": "b", "r": "y"}', "", '{"q": "c", "r": 5}']
+    source = tmp_path / "train.jsonl"
+    source.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    with pytest.raises(DataError) as loader_err:
+        load_rows(str(source))
+    assert str(loader_err.value).startswith("train.jsonl row 3 (1-based, line 4): field 'r'")
+
+    lines[3] = '{"q": "c", "r": null}'  # loads; the formatter refuses the same row
+    source.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    dataset = load_rows(str(source))
+    with pytest.raises(DataError) as formatter_err:
+        format_rows(dataset, Formatting(input_field="q", output_field="r"))
+    assert str(formatter_err.value).startswith("row 3 (1-based): field 'r' is missing")
+
+
+def test_row_label() -> None:
+    assert row_label(0) == "row 1 (1-based)"
+    assert row_label(4, line=5) == "row 5 (1-based)"  # the line adds nothing
+    assert row_label(4, line=9) == "row 5 (1-based, line 9)"
+
+
+# --- empty responses ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("response", ["", "   ", "\n\t \u00a0"])
+def test_empty_or_whitespace_response_is_refused(response: str) -> None:
+    dataset = datasets.Dataset.from_list(
+        [{"q": "a", "r": "fine"}, {"q": "b", "r": response}, {"q": "c", "r": "ok"}]
+    )
+    with pytest.raises(DataError) as err:
+        format_rows(dataset, Formatting(input_field="q", output_field="r"))
+    assert str(err.value).startswith("row 2 (1-based): response is empty (field 'r' is ")
+    # a prompt may still be blank-ish; only the response is the training target
+    prompts, responses = format_rows(
+        datasets.Dataset.from_list([{"q": " ", "r": "x"}]),
+        Formatting(input_field="q", output_field="r"),
+    )
+    assert (prompts, responses) == ([" "], ["x"])
+
+
+class _ChatTokenizer:
+    """Just enough of a tokenizer for chat formatting: the turns joined as ``role: content``."""
+
+    chat_template = "role: content"
+
+    def apply_chat_template(self, turns, tokenize: bool, add_generation_prompt: bool) -> str:  # type: ignore[no-untyped-def]
+        return "\n".join(f"{t['role']}: {t['content']}" for t in turns) + "\nassistant:"
+
+
+def test_whitespace_final_assistant_turn_is_refused() -> None:
+    turns = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "  \n"}]
+    dataset = datasets.Dataset.from_list([{"m": turns}])
+    fmt = Formatting(messages_field="m")
+    with pytest.raises(DataError, match=r"^row 1 \(1-based\): response is empty \(the last turn"):
+        format_rows(dataset, fmt, _ChatTokenizer())
+    # generation prompts do not need the answer: a blank one is left out, not refused
+    assert prompt_texts(dataset, fmt, _ChatTokenizer()) == ["user: hi\nassistant:"]

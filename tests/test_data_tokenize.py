@@ -106,13 +106,13 @@ def test_template_fills_placeholders() -> None:
 def test_template_field_missing_from_data() -> None:
     ds = datasets.Dataset.from_dict({"q": ["hi"], "a": ["x"]})
     fmt = Formatting(template="{q} {context}", output_field="a")
-    with pytest.raises(DataError, match=r"row 0: no field 'context' \(fields: q, a\)"):
+    with pytest.raises(DataError, match=r"row 1 \(1-based\): no field 'context' \(fields: q, a\)"):
         format_rows(ds, fmt)
 
 
 def test_template_field_null_in_one_row() -> None:
     ds = datasets.Dataset.from_dict({"q": ["hi", None, "yo"], "a": ["x", "y", "z"]})
-    with pytest.raises(DataError, match=r"row 1: field 'q' is missing \(null\)"):
+    with pytest.raises(DataError, match=r"row 2 \(1-based\): field 'q' is missing \(null\)"):
         format_rows(ds, Formatting(template="{q}", output_field="a"))
 
 
@@ -125,20 +125,22 @@ def test_template_rejects_anything_but_plain_fields(template: str) -> None:
 
 def test_missing_output_field_names_row_and_field() -> None:
     ds = datasets.Dataset.from_dict({"q": ["hi"], "answer": ["x"]})
-    with pytest.raises(DataError, match=r"row 0: no field 'summary' .*--output-field"):
+    with pytest.raises(DataError, match=r"row 1 \(1-based\): no field 'summary' .*--output-field"):
         format_rows(ds, Formatting(input_field="q", output_field="summary"))
 
 
 def test_null_output_names_the_row() -> None:
     ds = datasets.Dataset.from_dict({"q": ["a", "b", "c"], "summary": ["x", "y", None]})
-    with pytest.raises(DataError, match=r"^row 2: field 'summary' is missing \(null\)"):
+    with pytest.raises(DataError, match=r"^row 3 \(1-based\): field 'summary' is missing \(null\)"):
         format_rows(ds, Formatting(input_field="q", output_field="summary"))
 
 
 @pytest.mark.parametrize(("value", "kind"), [(12, "int"), (1.5, "float"), (["x"], "list")])
 def test_non_string_value(value: Any, kind: str) -> None:
     ds = datasets.Dataset.from_dict({"q": ["a", "b"], "summary": [value, value]})
-    with pytest.raises(DataError, match=f"^row 0: field 'summary' is {kind}, expected a string$"):
+    with pytest.raises(
+        DataError, match=rf"^row 1 \(1-based\): field 'summary' is {kind}, expected a string$"
+    ):
         format_rows(ds, Formatting(input_field="q", output_field="summary"))
 
 
@@ -213,14 +215,17 @@ def test_messages_field(chat_tokenizer: Any) -> None:
 @pytest.mark.parametrize(
     ("value", "message"),
     [
-        (_messages(("user", "hi")), r"row 1: 'm' has no assistant turn"),
+        (_messages(("user", "hi")), r"row 2 \(1-based\): 'm' has no assistant turn"),
         (
             _messages(("user", "hi"), ("assistant", "x"), ("user", "y")),
-            r"row 1: 'm' ends with a 'user' turn",
+            r"row 2 \(1-based\): 'm' ends with a 'user' turn",
         ),
-        (_messages(("assistant", "x")), r"row 1: 'm' has only the assistant turn"),
-        ([{"role": "user", "content": None}], r"row 1: turn 0 of 'm' is not a \{role, content\}"),
-        ([], r"row 1: field 'm' is an empty list"),
+        (_messages(("assistant", "x")), r"row 2 \(1-based\): 'm' has only the assistant turn"),
+        (
+            [{"role": "user", "content": None}],
+            r"row 2 \(1-based\): turn 1 \(1-based\) of 'm' is not a \{role, content\}",
+        ),
+        ([], r"row 2 \(1-based\): field 'm' is an empty list"),
     ],
 )
 def test_bad_messages_name_the_row(chat_tokenizer: Any, value: Any, message: str) -> None:
@@ -288,7 +293,9 @@ def test_overlong_response_keeps_its_start_and_eos(
 
 @pytest.mark.parametrize("empty", ["", "   "])
 def test_empty_response(gemma_like: Any, empty: str) -> None:
-    with pytest.raises(DataError, match=r"^row 1: response is empty after tokenisation"):
+    with pytest.raises(
+        DataError, match=r"^row 2 \(1-based\): response is empty after tokenisation"
+    ):
         tokenize_pairs(gemma_like, ["hello", "cat"], ["world", empty], max_length=32)
 
 

@@ -69,5 +69,5 @@ def test_baseline_dry_run_estimates_the_target_fine_tune(
 def test_planned_work_follows_the_method_and_flags(
     settings: dict[str, object], stages: list[str]
 ) -> None:
-    cfg = SelectConfig(data="x", **settings)  # type: ignore[arg-type]
+    cfg = SelectConfig.from_dict(dict(data="x", **settings))
     assert [w.stage for w in planned_work(cfg, 100)] == stages

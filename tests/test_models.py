@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import http.server
 import importlib.util
+import json
 import logging
+import socket
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -37,6 +41,7 @@ from speccore.models import (
     tiny_tokenizer,
 )
 from speccore.models import load as load_module
+from speccore.models.load import check_model_name
 from speccore.models.lora import seeded
 
 
@@ -127,6 +132,180 @@ def test_unreachable_hub_name_is_a_one_line_model_error(monkeypatch: pytest.Monk
     with pytest.raises(ModelError, match="neither a local path nor an alias") as err:
         load_model("speccore-test/no-such-model")
     assert "\n" not in str(err.value)
+
+
+# --- names checked before any work: suggestions, offline, the hub ------------------------------
+
+
+@pytest.fixture
+def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Any DNS lookup or connection fails the test: the code under test must not reach out."""
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("network access during a check that needs none")
+
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+
+
+@pytest.mark.parametrize(
+    ("name", "alias"),
+    [
+        ("smollm2-136m", "smollm2-135m"),
+        ("SmolLM2-135", "smollm2-135m"),
+        ("smollm-135m", "smollm2-135m"),
+        ("SmolLM2-135M-Instruct", "smollm2-135m"),  # a bare hub name without its org
+        ("gemma-3-27m", "gemma-3-270m"),
+        ("gemma3-270m", "gemma-3-270m"),
+        ("smollm2 135m", "smollm2-135m"),  # not even a valid hub id
+    ],
+)
+def test_misspelt_alias_gets_a_suggestion_without_network(
+    name: str, alias: str, no_network: None
+) -> None:
+    for check in (resolve_model, check_model_name):
+        with pytest.raises(ModelError, match=f"did you mean {alias}\\?$") as err:
+            check(name)
+        assert "\n" not in str(err.value)
+
+
+def test_impossible_name_lists_the_aliases(no_network: None) -> None:
+    with pytest.raises(ModelError, match=r"no hub model id .* aliases: smollm2-135m, gemma-3-270m"):
+        resolve_model("my model!")
+
+
+def test_plausible_hub_ids_resolve_without_network(no_network: None) -> None:
+    for name in ("gpt2", "org/model", "HuggingFaceTB/SmolLM2-135M-Instruct", "org/smollm2-136m"):
+        assert resolve_model(name).identity == f"hub:{name}"
+
+
+def test_aliases_and_paths_pass_the_check_without_network(tmp_path: Path, no_network: None) -> None:
+    assert check_model_name("smollm2-135m").name == "smollm2-135m"
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF")
+    assert check_model_name(str(gguf)).gguf_file == "m.gguf"
+    with pytest.raises(ModelError, match="does not exist"):
+        check_model_name(str(tmp_path / "missing.gguf"))
+
+
+@pytest.fixture
+def hub_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty Hugging Face cache of this test's own."""
+    root = tmp_path / "hf-cache"
+    root.mkdir()
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(root))
+    return root
+
+
+@pytest.mark.parametrize("how", ["constant", "env"])
+def test_offline_hub_name_fails_at_once(
+    how: str, hub_cache: Path, monkeypatch: pytest.MonkeyPatch, no_network: None
+) -> None:
+    if how == "constant":
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    else:
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    start = time.perf_counter()
+    with pytest.raises(ModelError, match="not in the local Hugging Face cache and HF_HUB_OFFLINE"):
+        check_model_name("speccore-test/no-such-model")
+    assert time.perf_counter() - start < 1.0
+
+
+def test_offline_but_cached_hub_model_passes(
+    hub_cache: Path, monkeypatch: pytest.MonkeyPatch, no_network: None
+) -> None:
+    snapshot = hub_cache / "models--org--cached" / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text("{}")
+    (hub_cache / "models--org--cached" / "refs").mkdir()
+    (hub_cache / "models--org--cached" / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    assert check_model_name("org/cached").identity == "hub:org/cached"
+
+
+def test_refused_connection_fails_at_once_without_retries(
+    hub_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", f"http://127.0.0.1:{port}")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    start = time.perf_counter()
+    with pytest.raises(
+        ModelError, match=r"cannot reach the Hugging Face hub .*looks offline"
+    ) as err:
+        check_model_name("org/model")
+    assert time.perf_counter() - start < 3.0
+    assert "\n" not in str(err.value)
+
+
+def test_failing_name_resolution_fails_at_once(
+    hub_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    lookups: list[object] = []
+
+    def no_dns(*args: object, **kwargs: object) -> None:
+        lookups.append(args[0])
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_dns)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    with pytest.raises(ModelError, match="cannot reach the Hugging Face hub"):
+        check_model_name("org/model")
+    assert len(lookups) == 1  # one attempt, no retries
+
+
+class _FakeHub(http.server.BaseHTTPRequestHandler):
+    """Answers /api/models/<org>/<name> like the hub: known, gated, or not found."""
+
+    def do_GET(self) -> None:  # the name http.server calls
+        name = self.path.split("?")[0].removeprefix("/api/models/")
+        if name == "org/known":
+            self._answer(200, {"id": name, "sha": "0" * 40}, {})
+        elif name == "org/gated":
+            self._answer(403, {"error": "gated"}, {"X-Error-Code": "GatedRepo"})
+        else:
+            self._answer(404, {"error": "Repository not found"}, {"X-Error-Code": "RepoNotFound"})
+
+    def _answer(self, status: int, body: dict, headers: dict[str, str]) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        for key, value in headers.items():
+            self.send_header(key, value)
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_hub_names_are_checked_with_one_request(
+    hub_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _FakeHub)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        endpoint = f"http://127.0.0.1:{server.server_address[1]}"
+        monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", endpoint)
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+        assert check_model_name("org/known").path == "org/known"
+        assert check_model_name("org/gated").path == "org/gated"  # loading uses the token
+        with pytest.raises(ModelError, match="'org/unknwn': no such model on the hub") as err:
+            check_model_name("org/unknwn")
+        assert "\n" not in str(err.value)
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def test_dtype_and_device() -> None:

@@ -19,7 +19,7 @@ from conftest import make_rows
 from speccore import SelectConfig
 from speccore.cache import ScoreCache
 from speccore.errors import ConfigError
-from speccore.provider import ModelSlot
+from speccore.provider import ENGINES, ModelSlot
 from speccore.scoring import ray_engine, score_samples
 from speccore.selection.base import StageTimer
 
@@ -58,6 +58,11 @@ def slot(model_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) 
     return s
 
 
+def request(slot: ModelSlot, score: str, indices: np.ndarray | None = None) -> Any:
+    """The provider's plain scoring request for ``score`` under the slot's adapter."""
+    return slot.request(score, slot.scorer.key(score), indices, None)
+
+
 def local(slot: ModelSlot, score: str, indices: np.ndarray | None = None) -> np.ndarray:
     return score_samples(
         slot.peft, slot.data, score, indices=indices, max_batch_tokens=slot.cfg.max_batch_tokens
@@ -74,12 +79,14 @@ def test_all_samples_match_local_scoring_and_resume_only_missing_shards(
     ray_cluster: Any, slot: ModelSlot, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     want = local(slot, "effort")
-    got = ray_engine.score_with_ray(slot, "effort", None, shard_samples=6)
+    got = ray_engine.score_with_ray(request(slot, "effort"), shard_samples=6)
     assert_close(got, want)
 
     idx = np.arange(N)
     shards = ray_engine.plan_shards(slot.data, idx, slot.cfg.max_batch_tokens, 6)
-    folder = ray_engine.shard_folder(slot, "effort", idx, slot.cfg.max_batch_tokens, shards)
+    folder = ray_engine.shard_folder(
+        request(slot, "effort"), idx, slot.cfg.max_batch_tokens, shards
+    )
     files = sorted(folder.glob("shard-*.npz"))
     assert len(shards) >= 3 and len(files) == len(shards)
 
@@ -92,19 +99,19 @@ def test_all_samples_match_local_scoring_and_resume_only_missing_shards(
 
     monkeypatch.setattr(ray_engine, "run_shards", spy)
     files[1].unlink()
-    again = ray_engine.score_with_ray(slot, "effort", None, shard_samples=6)
+    again = ray_engine.score_with_ray(request(slot, "effort"), shard_samples=6)
     assert scored == [[1]]
     assert files[1].exists()
     assert_close(again, want)
     # Nothing missing: no Ray work at all.
-    ray_engine.score_with_ray(slot, "effort", None, shard_samples=6)
+    ray_engine.score_with_ray(request(slot, "effort"), shard_samples=6)
     assert scored == [[1]]
 
 
 def test_subset_of_indices_matches_local_scoring(ray_cluster: Any, slot: ModelSlot) -> None:
     indices = np.array([17, 3, 9, 3, 22], dtype=np.int64)
-    # Through the provider: _run_scoring dispatches to Ray for engine == "ray".
-    got = slot._run_scoring("loss", indices, None)
+    # Through the provider's engine table: engine == "ray" dispatches to Ray.
+    got = ENGINES[slot.cfg.engine](request(slot, "loss", indices))
     assert_close(got, local(slot, "loss", indices))
     assert got[1] == got[3]  # a repeated index gets the same score
 
@@ -114,4 +121,4 @@ def test_engine_ray_without_ray_is_a_config_error(
 ) -> None:
     monkeypatch.setitem(sys.modules, "ray", None)  # import ray → ImportError
     with pytest.raises(ConfigError, match=r"--engine ray needs Ray: pip install 'speccore\[ray\]'"):
-        slot._run_scoring("effort", None, None)
+        ENGINES[slot.cfg.engine](request(slot, "effort"))

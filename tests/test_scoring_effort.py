@@ -274,3 +274,82 @@ def test_lora_on_the_lm_head_sees_only_the_window(side: str) -> None:
     assert fast.isnan().tolist() == slow.isnan().tolist() == [False, True, False, False, False]
     keep = [0, 2, 3, 4]
     assert rel_err(fast[keep], slow[keep]) <= 1e-10
+
+
+# --- gradient checkpointing -----------------------------------------------------------------
+
+
+def lora_a_calls(model: nn.Module, layer: int = 0) -> list[torch.Tensor]:
+    """The inputs of one LoRA A (q_proj of ``layer``) on every later call, recomputes included."""
+    seen: list[torch.Tensor] = []
+    block = model.base_model.model.model.layers[layer]
+    block.self_attn.q_proj.lora_A["default"].register_forward_hook(
+        lambda _m, args, _out: seen.append(args[0])
+    )
+    return seen
+
+
+@pytest.mark.parametrize("variant", ["blocks", "blocks+lm_head", "frozen"])
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_effort_with_gradient_checkpointing_equals_without(side: str, variant: str) -> None:
+    """Recomputed forwards run the LoRA hooks again; nothing may be counted twice. Also with
+    LoRA on the lm_head (past the logits window) and with every parameter frozen (no input of
+    a checkpointed block then requires a gradient)."""
+    from speccore.models.lora import enable_gradient_checkpointing
+
+    targets = [*TARGETS, "lm_head"] if variant == "blocks+lm_head" else TARGETS
+    model = tiny_lora_llama(seed=4, target_modules=targets)
+    if variant == "frozen":
+        for p in model.parameters():
+            p.requires_grad_(False)
+    model.train()  # a training-mode model comes back in training mode
+    batch = collate(mixed_prompt_data(VOCAB, seed=4), range(5), padding_side=side)
+    plain = effort_batch(model, batch)
+    enable_gradient_checkpointing(model)
+    calls = lora_a_calls(model)
+    checkpointed = effort_batch(model, batch)
+    assert len(calls) == 2  # the forward and the recompute in the backward
+    assert rel_err(checkpointed, plain) <= 1e-12
+    assert rel_err(checkpointed, effort_reference(model, batch)) <= 1e-10
+    assert model.training and all(p.grad is None for p in model.parameters())
+
+
+def test_checkpointing_frees_the_lora_inputs_during_the_forward() -> None:
+    """Under checkpointing no LoRA input outlives its block in the forward: the effort taps
+    keep them as saved tensors, which the checkpoint drops and recomputes."""
+    import weakref
+
+    from speccore.models.lora import enable_gradient_checkpointing
+
+    def alive_at_the_head(model: nn.Module) -> tuple[int, int]:
+        refs: list[weakref.ref[torch.Tensor]] = []
+        alive: list[int] = []
+        for layer in model.base_model.model.model.layers:
+            layer.mlp.up_proj.lora_A["default"].register_forward_hook(
+                lambda _m, args, _o: refs.append(weakref.ref(args[0]))
+            )
+        # The lm_head runs after every block: count the block inputs still held by then.
+        model.get_output_embeddings().register_forward_hook(
+            lambda *_: alive.append(sum(r() is not None for r in refs))
+        )
+        effort_batch(model, collate(make_data(LENGTHS), range(len(LENGTHS))))
+        return alive[0], len(model.base_model.model.model.layers)
+
+    held, layers = alive_at_the_head(tiny_lora_llama(seed=5))
+    assert held == layers  # without checkpointing every block keeps its input for the backward
+    model = enable_gradient_checkpointing(tiny_lora_llama(seed=5))
+    assert alive_at_the_head(model) == (0, layers)
+
+
+def test_reentrant_checkpointing_is_refused() -> None:
+    """The reentrant variant runs the block without autograd: the taps would see nothing."""
+    model = tiny_lora_llama(seed=6)
+    base = model.get_base_model()
+    enable = getattr(base, "activation_checkpointing_enable", None)  # transformers >= 5
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": True})
+    else:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    batch = collate(make_data(LENGTHS), range(len(LENGTHS)))
+    with pytest.raises(ModelError, match="reentrant gradient checkpointing"):
+        effort_batch(model, batch)

@@ -44,17 +44,17 @@ class FakeProvider:
         config: SelectConfig | None = None,
     ) -> None:
         self.n = n
-        self.config = config or SelectConfig(data="fake.jsonl")
+        self.config = config or SelectConfig.from_dict({"data": "fake.jsonl"})
         self._scores = {True: tuned or {}, False: untuned or {}}
         self._embeddings = embeddings
         self.calls: Counter[tuple] = Counter()
         self.stages: list[str] = []
         self._open: str | None = None
 
-    def small_scores(self) -> np.ndarray:
+    def small_scores(self, score: str) -> np.ndarray:
         raise AssertionError("a baseline asked for the small model's scores")
 
-    def verifier(self):
+    def verifier(self, score: str):
         raise AssertionError("a baseline asked for the verifier")
 
     def target_scores(self, score: str, tuned: bool) -> np.ndarray:
@@ -258,7 +258,7 @@ def test_ccs_seeded():
 
 
 def test_ccs_method_uses_el2n_on_the_tuned_target():
-    cfg = SelectConfig(data="x", regions=2, ccs_beta=0.1)
+    cfg = SelectConfig.from_dict(dict(data="x", regions=2, ccs_beta=0.1))
     provider = FakeProvider(10, tuned={"el2n": CCS_HAND}, config=cfg)
     sel = get_method("ccs").select(provider, 4, seed=3)
     assert len(sel) == 4 and 5 not in sel.indices.tolist()
@@ -281,7 +281,7 @@ def test_target_only_hand_worked(seed):
     # region 1 = [5, 10]: samples 1, 3, 6. No cutoff. m = 6, smallest first:
     # region 1 → min(3, ⌊6/2⌋ = 3) = 3 (all of it, the top score 10 included);
     # region 0 → min(5, ⌊3/1⌋) = 3.
-    cfg = SelectConfig(data="x", regions=2, score="loss")
+    cfg = SelectConfig.from_dict(dict(data="x", regions=2, score="loss"))
     provider = FakeProvider(8, untuned={"loss": TARGET_HAND}, config=cfg)
     sel = get_method("staff-target-only").select(provider, 6, seed=seed)
     kept = set(sel.indices.tolist())
@@ -316,7 +316,7 @@ def _d2_provider(strata: int | None) -> FakeProvider:
     rng = np.random.default_rng(0)
     x = rng.standard_normal((60, 8))
     x /= np.linalg.norm(x, axis=1, keepdims=True)
-    cfg = SelectConfig(data="x", d2_k=4, d2_strata=strata, ccs_beta=0.1)
+    cfg = SelectConfig.from_dict(dict(data="x", d2_k=4, d2_strata=strata, ccs_beta=0.1))
     return FakeProvider(60, tuned={"el2n": rng.random(60)}, embeddings=x, config=cfg)
 
 

@@ -11,7 +11,8 @@ from speccore.config import coreset_size
 from speccore.errors import ConfigError
 from speccore.selection.base import StageTimer
 from speccore.selection.regions import equal_width_regions, region_members
-from speccore.selection.staff import staff_select
+from speccore.selection.score_based import check_budget
+from speccore.selection.staff import staff_reference_select, staff_select
 
 SCORES = np.arange(1.0, 11.0)  # samples 0..9 score 1..10
 
@@ -87,16 +88,17 @@ def test_reference_allocation_by_hand() -> None:
     # Cut: min(⌊0.1·10⌋, ⌊0.4·10⌋) = 1 → drop sample 9 (score 10). Pool 1..9, K = 3, width 8/3:
     # regions {0,1,2}, {3,4,5}, {6,7,8}. Ratios 2, 3, 1 → V = 1, 1.5, 0.5; ΣV = 3.
     # R0: ⌊6·1/3⌋ = 2 highest → {1, 2}.  R1: ⌊4·1.5/2⌋ = 3 → {3,4,5}.  R2: ⌊1·0.5/0.5⌋ = 1 → {8}.
+    # b_v = 2 < 3 samples per region, so every region is verified (the script skips verifying
+    # regions of at most b_v samples: tests/test_staff_reference.py).
     factor = np.array([2, 2, 2, 3, 3, 3, 1, 1, 1, 1.0])
     verifier = CountingVerifier(SCORES, factor)
-    sel = staff_select(
+    sel = staff_reference_select(
         SCORES,
         6,
         regions=3,
-        verify_per_region=10,
+        verify_per_region=2,
         verify=verifier,
         seed=0,
-        allocation="reference",
         prune_rate=0.4,
     )
     assert sel.indices.tolist() == [1, 2, 3, 4, 5, 8]
@@ -160,3 +162,67 @@ def test_stage_timer_is_exclusive() -> None:
         with timer.stage("inner"):
             sum(range(200000))
     assert timer.timings["inner"] > timer.timings["outer"] > 0
+
+
+@pytest.mark.parametrize("select", [staff_select, staff_reference_select])
+def test_budget_rule_is_check_budget(select) -> None:  # type: ignore[no-untyped-def]
+    # m = 0 is allowed, as by every method's check_budget: an empty selection, no target call.
+    verifier = CountingVerifier(SCORES, np.ones(10))
+    empty = select(SCORES, 0, regions=3, verify_per_region=2, verify=verifier, seed=0)
+    assert len(empty) == 0 and empty.budget == 0 and verifier.calls == 0
+    for m in (-1, 11):
+        with pytest.raises(ValueError) as expected:
+            check_budget(m, len(SCORES))
+        with pytest.raises(ValueError) as got:
+            select(SCORES, m, regions=3, verify_per_region=2, verify=verifier, seed=0)
+        assert str(got.value) == str(expected.value)
+
+
+def test_scores_must_be_one_dimensional() -> None:
+    with pytest.raises(ValueError, match="1-D"):
+        staff_select(np.ones((2, 5)), 3, regions=3, verify_per_region=2, verify=None)
+
+
+@pytest.mark.parametrize(
+    ("allocation", "expected"),
+    [("paper", [0, 1, 2, 3, 4, 5]), ("reference", [1, 2, 3, 4, 5, 8])],
+)
+def test_method_runs_the_chosen_allocation(allocation: str, expected: list[int]) -> None:
+    # The cases of test_fill_tops_up_from_largest_v_first and test_reference_allocation_by_hand,
+    # through the registered method and its settings.
+    import contextlib
+    from collections.abc import Iterator
+
+    from speccore.config import SelectConfig
+    from speccore.selection.base import get_method
+
+    config = SelectConfig.from_dict(
+        {
+            "data": "fake.jsonl",
+            "allocation": allocation,
+            "prune_rate": 0.4,
+            "regions": 3,
+            "verify_per_region": 2,
+        }
+    )
+    factor = np.array([2, 2, 2, 3, 3, 3, 1, 1, 1, 1.0])
+
+    class Provider:
+        n = 10
+
+        def __init__(self) -> None:
+            self.config = config
+
+        def small_scores(self, score: str) -> np.ndarray:
+            return SCORES
+
+        def verifier(self, score: str) -> CountingVerifier:
+            return CountingVerifier(SCORES, factor)
+
+        @contextlib.contextmanager
+        def stage(self, name: str) -> Iterator[None]:
+            yield
+
+    sel = get_method("staff").select(Provider(), 6, seed=3)  # type: ignore[arg-type]
+    assert sel.info["allocation"] == allocation
+    assert sel.indices.tolist() == expected

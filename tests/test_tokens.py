@@ -323,7 +323,7 @@ def test_token_labels_jsonl_trains_the_kept_tokens_with_hf_collator(
     HF's own loss over exactly the tokens speccore's masked fine-tune learns."""
     from transformers import DataCollatorForSeq2Seq
 
-    from speccore.train.lora import _loss_sum
+    from speccore.scoring.losses import response_loss
 
     rows = [4, 0, 2]
     masks = random_masks(data, rows, 0.5, seed=3)
@@ -345,7 +345,7 @@ def test_token_labels_jsonl_trains_the_kept_tokens_with_hf_collator(
         hf_loss = model(**batch).loss.item()
         masked = collate(attach_token_masks(data, rows, masks), list(range(len(rows))))
         n_learned = int((masked["labels"][:, 1:] != IGNORE_INDEX).sum())
-        ours = (_loss_sum(model, masked) / n_learned).item()
+        ours = (response_loss(model, masked).total / n_learned).item()
     assert n_learned == int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
     assert hf_loss == pytest.approx(ours, rel=1e-9)
 
@@ -482,7 +482,7 @@ def test_config_validation() -> None:
         ({"token_rank": "row"}, "--token-rank"),
     ]:
         with pytest.raises(ConfigError, match=flag):
-            SelectConfig(data="x", **bad).validate()  # type: ignore[arg-type]
+            SelectConfig.from_dict(dict(data="x", **bad)).validate()
     from speccore.cli import build_parser
 
     args = build_parser().parse_args(["select", "--data", "x", "--no-token-crossfit"])

@@ -15,8 +15,8 @@ from speccore.data.tokenized import IGNORE_INDEX, TokenizedData, collate
 from speccore.errors import ConfigError, ModelError
 from speccore.models import adapter_fingerprint, attach_lora, tiny_causal_lm, tiny_tokenizer
 from speccore.scoring import losses
+from speccore.scoring.losses import response_loss
 from speccore.train import finetune, lr_factor, plan_steps, warmup_steps
-from speccore.train.lora import _loss_sum
 
 PAIRS = [
     ("Question: capital of France? Answer:", " Paris."),
@@ -231,7 +231,7 @@ def test_loss_sum_over_the_window_equals_the_full_loss_sum(
     for window in (True, False):
         monkeypatch.setattr(losses, "LOGITS_WINDOW", window)
         model.zero_grad(set_to_none=True)
-        loss = _loss_sum(model, batch)
+        loss = response_loss(model, batch).total
         loss.backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
         results.append((float(loss.detach()), grads))

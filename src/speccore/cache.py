@@ -1,33 +1,113 @@
 """On-disk cache of adapters and scores, keyed by fingerprints (as ``datasets`` does).
 
-A key is a digest of everything the value depends on: the model's identity, the adapter's
-weights, the tokenised data and the scorer's settings. Changing the pruning rate, K, b_v or the
-seed changes none of them, so a rerun only re-selects.
+:func:`cache_key` is the one place a key is built: a digest of everything a value depends on
+(the model's identity with its hub revision or file hash, the dtype and device type it ran in,
+the scorer and the version of the scorer's code, the tokenised data and the adapter's weights).
+Changing the pruning rate, K, b_v or the seed changes none of them, so a rerun only re-selects;
+a bfloat16 GPU score is never served to a float32 CPU run, and bumping a version in
+:data:`SCORER_VERSIONS` retires every score computed by the old code.
 """
 
 from __future__ import annotations
 
 import logging
+import shutil
+import tempfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from .io import cache_root, load_npz, save_npz
+from .io import cache_root, fingerprint, load_npz, save_npz
 
 logger = logging.getLogger(__name__)
 
+# Bump an entry whenever the code computing that value changes its result.
+SCORER_VERSIONS: dict[str, int] = {
+    "effort": 2,  # 2: float32 accumulation of the per-sample gradient norms
+    "loss": 2,  # 2: one response-window loss for training, scoring and token scores
+    "el2n": 2,
+    "embedding": 1,
+    "token-loss": 2,
+    "trajectory": 1,
+    "perplexity": 1,
+    "adapter": 2,  # the LoRA fine-tune (train.finetune)
+    "derive": 1,  # a derived small model (speccore.derive): layer choice, healing, folder
+}
+
+
+def model_identity(loaded: Any) -> str:
+    """A model's identity for keys: its source (alias + package version, or local files with
+    sizes and mtimes, or hub name) and, for a hub model, the revision actually loaded."""
+    identity = loaded.source.identity
+    revision = getattr(getattr(loaded.model, "config", None), "_commit_hash", None)
+    return f"{identity}@{revision}" if revision else identity
+
+
+def cache_key(
+    kind: str,
+    *,
+    model: str,
+    dtype: str,
+    device: str,
+    data: str,
+    adapter: str | None = None,
+    scorer: str | None = None,
+    extra: Any = None,
+) -> str:
+    """The key of one cached value.
+
+    ``kind`` is "scores", "partial-scores", "adapter" or another value family; ``model`` is
+    :func:`model_identity`; ``dtype`` the torch dtype the model ran in (``"torch.bfloat16"``);
+    ``device`` its device type (``"cpu"``, ``"cuda"``); ``data`` the tokenised data's fingerprint;
+    ``adapter`` the adapter weights' fingerprint; ``scorer`` a name in :data:`SCORER_VERSIONS`
+    (its version goes into the key); ``extra`` anything else the value depends on (settings).
+    """
+    version = None
+    if scorer is not None:
+        if scorer not in SCORER_VERSIONS:
+            raise KeyError(f"scorer {scorer!r} has no entry in SCORER_VERSIONS")
+        version = SCORER_VERSIONS[scorer]
+    return fingerprint(kind, model, dtype, device, data, adapter, scorer, version, extra)
+
 
 class ScoreCache:
-    """Scores of all samples (``full``) and of some samples (``partial``, e.g. verification)."""
+    """Scores of all samples (``full``) and of some samples (``partial``, e.g. verification),
+    and tuned adapters. ``enabled=False`` (``--no-cache``) reads nothing and keeps what it
+    writes in a temporary folder that lives as long as the cache object."""
 
-    def __init__(self, root: str | Path | None = None) -> None:
-        self.root = Path(root) if root else cache_root()
+    def __init__(self, root: str | Path | None = None, *, enabled: bool = True) -> None:
+        self.enabled = enabled
+        if enabled:
+            self.root = Path(root) if root else cache_root()
+        else:
+            self._tmp = tempfile.mkdtemp(prefix="speccore-nocache-")
+            self.root = Path(self._tmp)
+
+    def __del__(self) -> None:
+        if not getattr(self, "enabled", True):
+            shutil.rmtree(self._tmp, ignore_errors=True)
 
     def adapter_dir(self, key: str) -> Path:
         return self.root / "adapters" / key
 
+    def has_adapter(self, key: str) -> bool:
+        return (self.adapter_dir(key) / "adapter_model.safetensors").exists()
+
     def checkpoint_path(self, key: str) -> Path:
         return self.root / "scores" / f"{key}.checkpoint.npz"
+
+    def partial_checkpoint_path(self, key: str) -> Path:
+        """Progress of scoring some samples (verification) under ``key``."""
+        return self.root / "scores" / f"{key}.partial-checkpoint.npz"
+
+    def finetune_checkpoint(self, key: str) -> Path:
+        """Progress of the fine-tune that makes adapter ``key`` (removed once it is saved)."""
+        return self.root / "adapters" / f"{key}.finetune"
+
+    def work_dir(self, key: str) -> Path:
+        """A folder for the intermediate files of computing ``key`` (Ray shards)."""
+        return self.root / "scores" / f"{key}.work"
 
     def _full_path(self, key: str) -> Path:
         return self.root / "scores" / f"{key}.npz"

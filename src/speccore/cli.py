@@ -1,4 +1,9 @@
-"""``speccore`` command line: thin entry points over the config dataclasses (one flag per field)."""
+"""``speccore`` command line: thin entry points over the config dataclasses.
+
+``select`` takes one flag per setting (built by :func:`speccore.config.select_parser`, a
+``transformers.HfArgumentParser``) and ``--config run.yaml`` whose keys are the same names with
+underscores; flags win over the file.
+"""
 
 from __future__ import annotations
 
@@ -6,59 +11,41 @@ import argparse
 import dataclasses
 import logging
 import sys
-import types
-import typing
 from collections.abc import Sequence
-from typing import Any
+from datetime import datetime
+from typing import Any, NoReturn
 
-from .config import SelectConfig
-from .errors import SpeccoreError
+from .errors import ConfigError, SpeccoreError
 
 logger = logging.getLogger("speccore")
 
 
-def _field_type(tp: Any) -> Any:
-    """The concrete type of ``X | None`` (or ``X``)."""
-    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return args[0]
-    return tp
+class Parser(argparse.ArgumentParser):
+    """Errors are :class:`ConfigError`: one line, exit code 2 (see :func:`main`)."""
 
-
-def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
-    """One flag per dataclass field: ``foo_bar`` → ``--foo-bar``; a bool that defaults to True
-    becomes ``--no-foo-bar``."""
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        flag = "--" + f.name.replace("_", "-")
-        help_text = f.metadata.get("help", "")
-        tp = _field_type(hints[f.name])
-        if tp is bool:
-            if f.default is True:
-                parser.add_argument(
-                    "--no-" + f.name.replace("_", "-"),
-                    dest=f.name,
-                    action="store_false",
-                    help=help_text,
-                )
-            else:
-                parser.add_argument(flag, dest=f.name, action="store_true", help=help_text)
-            continue
-        default = None if f.default is dataclasses.MISSING else f.default
-        parser.add_argument(
-            flag, dest=f.name, type=tp, default=default, help=f"{help_text} (default: {default})"
-        )
+    def error(self, message: str) -> NoReturn:
+        raise ConfigError(f"{self.prog}: {message}")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="speccore", description="Coreset selection for LLM fine-tuning."
+    from .config import select_parser
+
+    parser = Parser(prog="speccore", description="Coreset selection for LLM fine-tuning.")
+    parser.add_argument(
+        "-q", "--quiet", action="store_true", help="warnings only: no info logs, no progress bars"
     )
-    parser.add_argument("-q", "--quiet", action="store_true", help="log warnings only")
-    sub = parser.add_subparsers(dest="command", required=True)
-    sel = sub.add_parser("select", help="select a coreset (STAFF by default)")
-    add_dataclass_arguments(sel, SelectConfig)
-    sub.add_parser("methods", help="list the selection methods")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+    sel = sub.add_parser(
+        "select",
+        help="select a coreset (STAFF by default)",
+        parents=[select_parser(add_help=False)],
+    )
+    sel.add_argument(
+        "--config",
+        default=None,
+        help="YAML file of settings (keys: the flag names with underscores); flags win",
+    )
+    sub.add_parser("methods", help="list the selection methods with their settings")
     bench = sub.add_parser(
         "bench", help="fine-tune the target on each coreset, evaluate, write tables and plots"
     )
@@ -69,18 +56,36 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="only rewrite results.csv, table.md and plots from the finished cells",
     )
+    add_derive_parser(sub)
+    add_agree_parser(sub)
     return parser
 
 
-def config_from_args(args: argparse.Namespace, cls: type) -> Any:
-    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+def select_argv(argv: Sequence[str]) -> list[str]:
+    """The tokens after ``select``, without ``--config FILE`` and the global ``-q``."""
+    argv = list(argv)
+    rest = argv[argv.index("select") + 1 :]
+    out: list[str] = []
+    skip = False
+    for token in rest:
+        if skip:
+            skip = False
+        elif token == "--config":
+            skip = True
+        elif not token.startswith("--config="):
+            out.append(token)
+    return out
 
 
-def run_select(args: argparse.Namespace) -> int:
+def run_select(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    from .config import parse_select_args
     from .pipeline import select
     from .report import summary_text
 
-    cfg = config_from_args(args, SelectConfig)
+    cfg = parse_select_args(select_argv(argv), config_file=args.config)
+    if not cfg.out and not cfg.dry_run:
+        cfg.out = f"runs/{cfg.method}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+        logger.info("no --out given: writing the run to %s", cfg.out)
     selection = select(cfg)
     if cfg.dry_run:
         from .dryrun import format_estimate
@@ -88,22 +93,33 @@ def run_select(args: argparse.Namespace) -> int:
         print(format_estimate(selection.info["dry_run"]))
         return 0
     print(summary_text(selection))
-    if cfg.out:
-        print(f"wrote {cfg.out}/")
+    print(f"wrote {cfg.out}/")
     return 0
 
 
-def run_methods(args: argparse.Namespace) -> int:
-    from .pipeline import import_methods
-    from .selection.base import _REGISTRY
+def describe_methods() -> str:
+    """Every method with its description, models and settings (flag = default)."""
+    from .config import default_of
+    from .selection.base import method_class, method_names
 
-    import_methods()
-    for name in sorted(_REGISTRY):
-        print(f"{name:20s} {_REGISTRY[name].description}")
+    lines = []
+    for name in method_names():
+        cls = method_class(name)
+        needs = ", ".join(cls.needs) or "no model"
+        lines.append(f"{name:22s} {cls.description} [{needs}]")
+        for f in dataclasses.fields(cls.settings_class):
+            default = default_of(f)
+            flag = "--" + f.name.replace("_", "-")
+            lines.append(f"{'':22s}   {flag} = {default!r}  {f.metadata.get('help', '')}")
+    return "\n".join(lines)
+
+
+def run_methods(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    print(describe_methods())
     return 0
 
 
-def run_bench_command(args: argparse.Namespace) -> int:
+def run_bench_command(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from .bench import load_bench_config, report_only, run_bench
 
     cfg = load_bench_config(args.config, out=args.out)
@@ -118,21 +134,194 @@ def run_bench_command(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"select": run_select, "methods": run_methods, "bench": run_bench_command}
+def add_derive_parser(sub: Any) -> None:
+    """``speccore derive``: a small model of the target's family, by dropping its layers."""
+    from .derive import HEAL_MODES, LAYER_SELECTIONS, DeriveSettings, parse_layers
+
+    p = sub.add_parser(
+        "derive",
+        help="derive a small model from the target by dropping layers (and healing them)",
+    )
+    p.add_argument("--model", required=True, help="the target: alias, folder, .gguf or hub name")
+    p.add_argument(
+        "--layers",
+        type=parse_layers,
+        default=DeriveSettings.layers,
+        help="layers to keep: a count N or a fraction of the target's (default %(default)s)",
+    )
+    p.add_argument(
+        "--layer-selection",
+        choices=LAYER_SELECTIONS,
+        default=DeriveSettings.layer_selection,
+        help="which layers: evenly spaced, or the highest block influence on --data",
+    )
+    p.add_argument("--heal-steps", type=int, default=DeriveSettings.heal_steps)
+    p.add_argument("--heal-lr", type=float, default=DeriveSettings.heal_lr)
+    p.add_argument("--heal-mode", choices=HEAL_MODES, default=DeriveSettings.heal_mode)
+    p.add_argument("--seed", type=int, default=DeriveSettings.seed)
+    p.add_argument(
+        "--out", default=None, help="copy the derived folder here (default: the cache only)"
+    )
+    _add_data_flags(p, required=False)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def add_agree_parser(sub: Any) -> None:
+    """``speccore agree``: how well a small model agrees with the target on the task."""
+    p = sub.add_parser(
+        "agree", help="Spearman and Rand index of a small model's scores against the target's"
+    )
+    p.add_argument("--small", required=True, help="small model, or derive:FRACTION[,key=value]")
+    p.add_argument("--target", required=True, help="target model")
+    p.add_argument("--rows", type=int, default=200, help="rows sampled (default %(default)s)")
+    p.add_argument(
+        "--regions", type=int, default=10, help="K equal-width regions (default %(default)s)"
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the row sample")
+    _add_data_flags(p, required=True)
+
+
+def _add_data_flags(p: argparse.ArgumentParser, *, required: bool) -> None:
+    """The data, its formatting and the models' placement (names as in ``select``)."""
+    need = "" if required else " (needed for block-influence and healing)"
+    p.add_argument("--data", required=required, help=f"training rows: file, folder or hub{need}")
+    p.add_argument("--split", default="train")
+    p.add_argument("--input-field", default=None)
+    p.add_argument("--output-field", default=None)
+    p.add_argument("--template", default=None, help="prompt template with {field} placeholders")
+    p.add_argument("--messages-field", default=None)
+    p.add_argument("--chat-template", action="store_true")
+    p.add_argument("--max-length", type=int, default=512)
+    p.add_argument("--truncation-side", choices=("left", "right"), default="left")
+    p.add_argument("--max-batch-tokens", type=int, default=4096)
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--device", default="auto")
+
+
+def _tokenizer_data(args: argparse.Namespace) -> Any:
+    """A function ``tokenizer -> TokenizedData`` of ``--data`` formatted by the flags."""
+    from .data import Formatting, load_rows, tokenize_dataset
+
+    fmt = Formatting.from_config(args)
+    fmt.validate()
+    dataset = load_rows(args.data, args.split)
+
+    def tokenized(tokenizer: Any) -> Any:
+        return tokenize_dataset(dataset, tokenizer, fmt, args.max_length, args.truncation_side)
+
+    return tokenized
+
+
+def run_derive(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    from .derive import DeriveSettings, derive_model, read_derivation
+    from .models import load_model
+
+    settings = DeriveSettings(
+        layers=args.layers,
+        layer_selection=args.layer_selection,
+        heal_steps=args.heal_steps,
+        heal_lr=args.heal_lr,
+        heal_mode=args.heal_mode,
+        seed=args.seed,
+    )
+    settings.validate()  # before loading anything
+    target: Any = args.model
+    data = None
+    if args.data:
+        tokenized = _tokenizer_data(args)
+        target = load_model(args.model, dtype=args.dtype, device=args.device)
+        data = tokenized(target.tokenizer)
+    folder = derive_model(
+        target,
+        settings=settings,
+        data=data,
+        out=args.out,
+        dtype=args.dtype,
+        device=args.device,
+        max_batch_tokens=args.max_batch_tokens,
+    )
+    record = read_derivation(folder) or {}
+    heal = record.get("heal", {})
+    print(
+        f"kept layers {record.get('kept_layers')} of {record.get('target', {}).get('num_hidden_layers')}"
+    )
+    if "kl_before" in heal:
+        print(
+            f"KL to the target: {heal['kl_before']:.3f} before healing, {heal['kl_after']:.3f} after"
+        )
+    print(f"wrote {folder}")
+    return 0
+
+
+def run_agree(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    from .agree import agreement
+    from .derive import is_derive_spec, resolve_derived
+    from .models import load_model
+
+    tokenized = _tokenizer_data(args)
+    small: Any = args.small
+    target: Any = args.target
+    if is_derive_spec(args.small):
+        # The derived model needs the target's tokens: load the target once for both.
+        target = load_model(args.target, dtype=args.dtype, device=args.device)
+        small = str(
+            resolve_derived(
+                args.small,
+                target,
+                tokenized(target.tokenizer),
+                max_batch_tokens=args.max_batch_tokens,
+            )
+        )
+    report = agreement(
+        small,
+        target,
+        tokenized,
+        rows=args.rows,
+        regions=args.regions,
+        seed=args.seed,
+        max_batch_tokens=args.max_batch_tokens,
+        dtype=args.dtype,
+        device=args.device,
+    )
+    print(report.format())
+    return 0
+
+
+COMMANDS: dict[str, Any] = {
+    "select": run_select,
+    "methods": run_methods,
+    "bench": run_bench_command,
+    "derive": run_derive,
+    "agree": run_agree,
+}
+
+
+def set_quiet(quiet: bool) -> None:
+    """``-q``: warnings only, and no progress bars."""
     logging.basicConfig(
-        level=logging.WARNING if args.quiet else logging.INFO,
+        level=logging.WARNING if quiet else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    from . import progress
+
+    progress.set_quiet(quiet)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    from .interrupt import Interrupted, interruptible
+
     try:
-        return COMMANDS[args.command](args)
+        args = build_parser().parse_args(argv)
+        set_quiet(args.quiet)
+        with interruptible():
+            return int(COMMANDS[args.command](args, argv))
     except SpeccoreError as err:
         print(f"speccore: error: {err}", file=sys.stderr)
         return 2
+    except Interrupted as stop:
+        print(f"speccore: {stop}", file=sys.stderr)
+        return stop.exit_code
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ import numpy as np
 
 from .config import SelectConfig, coreset_size
 from .data.tokenized import TokenizedData, collate, length_grouped_batches
+from .selection.base import Work
 
 if TYPE_CHECKING:
     import datasets
@@ -37,20 +38,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-# Methods whose target model is LoRA-tuned on the full data, and the score each one ranks by.
-TUNED_TARGET_SCORES = {"grand": "effort", "el2n": "el2n", "ccs": "el2n", "d2": "el2n"}
 PROBE_BATCHES = 2
-
-
-@dataclass(frozen=True)
-class Work:
-    """One stage of model work the method will do."""
-
-    stage: str
-    role: str  # "small" | "target"
-    kind: str  # "train" | "embedding" | a score name
-    epochs: float = 0.0
-    samples: int | None = None  # None: every sample; else a count (target verification)
 
 
 @dataclass
@@ -67,35 +55,11 @@ class StageEstimate:
 
 
 def planned_work(cfg: SelectConfig, n: int) -> list[Work]:
-    """The model work ``cfg.method`` will do on ``n`` samples, stage by stage."""
-    method = cfg.method
-    if method == "staff":
-        return _staff_work(cfg, n)
-    if method == "staff-target-only":
-        return [Work("untuned-target scoring", "target", cfg.score)]
-    if method in TUNED_TARGET_SCORES:
-        work = [
-            Work("target fine-tune", "target", "train", epochs=cfg.target_epochs),
-            Work("target scoring", "target", TUNED_TARGET_SCORES[method]),
-        ]
-        if method == "d2":
-            work.append(Work("tuned-target embeddings", "target", "embedding"))
-        return work
-    if method != "random":
-        logger.warning("dry run: no estimate of the model work of method %r", method)
-    return []
+    """The model work ``cfg.method`` will do on ``n`` samples, stage by stage (the method's
+    own :meth:`~speccore.selection.base.SelectionMethod.plan`, without its model-free steps)."""
+    from .selection import get_method
 
-
-def _staff_work(cfg: SelectConfig, n: int) -> list[Work]:
-    work: list[Work] = []
-    if not cfg.scores:
-        if not cfg.small_adapter and cfg.small_epochs > 0:
-            work.append(Work("small fine-tune", "small", "train", epochs=cfg.small_epochs))
-        work.append(Work("small scoring", "small", cfg.score))
-    if cfg.verification:
-        verified = min(n, cfg.regions * cfg.verify_per_region)
-        work.append(Work("target verification", "target", cfg.score, samples=verified))
-    return work
+    return [w for w in get_method(cfg.method).plan(cfg, n) if w.role != "none"]
 
 
 def dry_run(cfg: SelectConfig, dataset: datasets.Dataset | None = None) -> dict[str, Any]:
@@ -117,7 +81,16 @@ def dry_run(cfg: SelectConfig, dataset: datasets.Dataset | None = None) -> dict[
     provider = ModelProvider(cfg, dataset)
     _reset_gpu_peak()
     loads: dict[str, float] = {}
-    stages = [_estimate(provider, work, loads) for work in planned_work(cfg, n)]
+    from .models.load import GpuMemoryByStage
+
+    memory = GpuMemoryByStage()
+    stages = []
+    try:
+        for work in planned_work(cfg, n):
+            with memory.stage(work.stage):
+                stages.append(_estimate(provider, work, loads))
+    finally:
+        provider.close()
     load_seconds = sum(loads.values())
     estimate = {
         "method": cfg.method,
@@ -130,6 +103,7 @@ def dry_run(cfg: SelectConfig, dataset: datasets.Dataset | None = None) -> dict[
         "total_seconds": sum(s.seconds for s in stages) + load_seconds,
         "peak_rss_bytes": peak_rss_bytes(),
         "peak_gpu_bytes": _gpu_peak(),
+        "peak_gpu_bytes_by_stage": memory.peaks(),
         "dry_run_seconds": time.perf_counter() - start,
     }
     logger.info("dry run:\n%s", format_estimate(estimate))
@@ -159,6 +133,8 @@ def dry_run_selection(
 
 def _estimate(provider: ModelProvider, work: Work, loads: dict[str, float]) -> StageEstimate:
     """Load the stage's model (timed once per model), time a few batches, scale up."""
+    if work.role == "none":  # no model work (e.g. random's draw)
+        return StageEstimate(work.stage, "-", work.kind, 0, 0, 0, 0.0)
     slot = provider.small if work.role == "small" else provider.target
     if work.role not in loads:
         t0 = time.perf_counter()
@@ -250,15 +226,15 @@ def _step_function(kind: str) -> Callable[[Any, dict[str, torch.Tensor]], Any]:
 def _train_step(model: Any, batch: dict[str, torch.Tensor]) -> None:
     """A fine-tune's forward and backward (train mode, dropout on), then the gradients are
     dropped: no optimizer step, so the adapter is unchanged."""
-    from .scoring.losses import response_logits, token_losses
+    from .scoring.losses import response_loss
 
     params = [p for p in model.parameters() if p.requires_grad]
     model.train()
     try:
-        # Logits over the response window only, as the fine-tune computes them.
-        ce, mask = token_losses(*response_logits(model, batch))
-        if bool(mask.any()):
-            (ce.sum() / mask.sum()).backward()
+        # The fine-tune's own loss (logits over the response window only).
+        loss = response_loss(model, batch)
+        if bool(loss.mask.any()):
+            (loss.total / loss.mask.sum()).backward()
     finally:
         model.eval()
         for p in params:
@@ -286,7 +262,7 @@ def _sync(device: torch.device) -> None:
 
 
 def _devices(provider: ModelProvider) -> str:
-    slots = [s for s in provider.loaded_slots if s._loaded is not None]
+    slots = [s for s in provider.loaded_slots if s.is_loaded]
     kinds = sorted({str(_model_device(s.loaded.model)) for s in slots})
     return ", ".join(kinds) or "none"
 
@@ -321,11 +297,18 @@ def format_estimate(estimate: dict[str, Any]) -> str:
         f"dry run: {estimate['method']} on {estimate['n_samples']} samples "
         f"(keeps {estimate['budget']}), device {estimate['device']}"
     )
-    lines = [head, f"{'stage':26s} {'model':6s} {'samples':>8s} {'tokens':>11s} {'time':>9s}"]
+    by_stage = estimate.get("peak_gpu_bytes_by_stage") or {}
+    gpu_head = f" {'GPU peak':>10s}" if by_stage else ""
+    lines = [
+        head,
+        f"{'stage':26s} {'model':6s} {'samples':>8s} {'tokens':>11s} {'time':>9s}{gpu_head}",
+    ]
     for s in estimate["stages"]:
+        peak = by_stage.get(s["stage"])
+        gpu = f" {gib(peak):>10s}" if by_stage and peak is not None else ""
         lines.append(
             f"{s['stage']:26s} {s['model']:6s} {s['samples']:8d} {s['tokens']:11,d} "
-            f"{duration(s['seconds']):>9s}"
+            f"{duration(s['seconds']):>9s}{gpu}"
         )
     lines.append(
         f"{'model load + tokenise':26s} {'':6s} {'':8s} {'':11s} "

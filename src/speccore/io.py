@@ -6,7 +6,9 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -29,19 +31,100 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success rename it over ``path``.
 
     A crash or an exception leaves any previous ``path`` untouched and removes the temp file,
-    so a reader never sees half a file.
+    so a reader never sees half a file. The file gets the permissions any program's new file
+    gets under the user's umask (0666 less the umask, usually 0644), whether or not it replaces
+    an older file: ``mkstemp`` alone leaves 0600, which hides outputs from the user's group
+    and from other accounts (a web server, a shared results folder).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_dirs(path.parent)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        # The writer may have replaced the temp file; set the mode on whatever is there now.
+        os.chmod(tmp_path, default_file_mode())
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where the OS allows.
+
+    Linux reports it in ``/proc/self/status``. Elsewhere the only way is ``os.umask``, which
+    sets a new mask while returning the old one; that swap is done under a lock, and with the
+    strict 0o077 in between, so a file another thread creates meanwhile is never too open.
+    """
+    try:
+        with open(_PROC_STATUS, encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    with _UMASK_LOCK:
+        mask = os.umask(0o077)
+        os.umask(mask)
+    return mask
+
+
+def default_file_mode() -> int:
+    """The mode a new regular file gets: 0666 less the umask (0644 under umask 022)."""
+    return 0o666 & ~current_umask()
+
+
+def default_dir_mode() -> int:
+    """The mode a new folder gets: 0777 less the umask (0755 under umask 022)."""
+    return 0o777 & ~current_umask()
+
+
+def make_dirs(path: str | os.PathLike[str]) -> Path:
+    """``mkdir -p``: missing folders get :func:`default_dir_mode` (the kernel applies the umask)."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def make_temp_dir(parent: str | os.PathLike[str], prefix: str) -> Path:
+    """A new empty folder in ``parent`` for building output that is renamed into place later.
+
+    Unlike ``tempfile.mkdtemp`` (always 0700) it gets :func:`default_dir_mode`, so the folder
+    it becomes is as readable as one made with ``mkdir``.
+    """
+    parent = make_dirs(parent)
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    os.chmod(tmp, default_dir_mode())
+    return tmp
+
+
+def publish_dir_mode(folder: str | os.PathLike[str]) -> None:
+    """Give a folder built by ``tempfile.mkdtemp`` (0700) the mode of a ``mkdir`` folder."""
+    os.chmod(folder, default_dir_mode())
+
+
+def copy_tree(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> Path:
+    """Copy folder ``src`` to the new folder ``dst`` as freshly written files.
+
+    ``shutil.copytree`` copies each file's and folder's mode, so a cached folder made private
+    (0700, 0600) would stay private in the user's output; here files and folders get the modes
+    of new ones under the umask. ``dst`` must not exist.
+    """
+    src, dst = Path(src), Path(dst)
+    dst.mkdir(parents=True)
+    for root, dirs, files in os.walk(src, followlinks=True):
+        target = dst / Path(root).relative_to(src)
+        for name in dirs:
+            (target / name).mkdir()
+        for name in files:
+            shutil.copyfile(Path(root) / name, target / name)
+    return dst
+
+
+_PROC_STATUS = "/proc/self/status"
+_UMASK_LOCK = threading.Lock()
 
 
 @contextlib.contextmanager

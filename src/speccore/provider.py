@@ -1,27 +1,36 @@
 """The :class:`~speccore.selection.base.ScoreProvider` backed by real models.
 
-It loads each model once, lets each tokenise the text itself (the small and target tokenizers
-may differ), LoRA-tunes only when a method asks for a tuned model, and caches adapters and
-scores on disk so that another pruning rate, K, b_v or seed costs no model work.
+Three concerns, three pieces:
+
+* model lifecycle: models come from a :class:`~speccore.models.pool.ModelPool` (loaded once per
+  pool; a bench shares one pool across its cells); a :class:`ModelSlot` is one model on the
+  data with one LoRA adapter, swapped between the fresh (untuned) state and tuned ones;
+* caching: :class:`CachedScorer` gets scores from the :class:`~speccore.cache.ScoreCache` or
+  computes and stores them, every key built by :func:`~speccore.cache.cache_key`;
+* engines: scoring runs through an engine (local batch loop or Ray) that takes a plain
+  :class:`~speccore.scoring.request.ScoringRequest`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator
+import shutil
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .cache import ScoreCache
-from .config import SelectConfig
+from .cache import ScoreCache, cache_key, model_identity
+from .config import SelectConfig, TrainSettings
 from .data import Formatting, tokenize_dataset
 from .data.tokenized import TokenizedData
 from .errors import ConfigError, DataError
-from .io import fingerprint, load_npz
-from .selection.base import StageTimer
+from .io import atomic_path, load_npz
+from .models.pool import ModelPool
+from .scoring.request import ScoringRequest
+from .selection.base import StageTimer, Trajectories
 
 if TYPE_CHECKING:
     import datasets
@@ -30,6 +39,34 @@ if TYPE_CHECKING:
     from .models import LoadedModel
 
 logger = logging.getLogger(__name__)
+
+Engine = Callable[[ScoringRequest], np.ndarray]
+
+
+def local_engine(request: ScoringRequest) -> np.ndarray:
+    """Scores from the in-process batch loop."""
+    from .scoring import score_samples
+
+    return score_samples(
+        request.model,
+        request.data,
+        request.scorer,
+        indices=request.indices,
+        max_batch_tokens=request.max_batch_tokens,
+        checkpoint=request.checkpoint,
+        checkpoint_seconds=request.checkpoint_seconds,
+        desc=request.desc,
+    )
+
+
+def ray_engine(request: ScoringRequest) -> np.ndarray:
+    """Scores from a Ray actor pool (see :mod:`speccore.scoring.ray_engine`)."""
+    from .scoring.ray_engine import score_with_ray
+
+    return score_with_ray(request)
+
+
+ENGINES: dict[str, Engine] = {"local": local_engine, "ray": ray_engine}
 
 
 class ModelSlot:
@@ -45,25 +82,43 @@ class ModelSlot:
         timer: StageTimer,
         cache: ScoreCache,
         adapter_path: str | None = None,
+        pool: ModelPool | None = None,
     ) -> None:
         self.role, self.name, self.cfg = role, name, cfg
         self.dataset, self.timer, self.cache = dataset, timer, cache
         self.adapter_path = adapter_path
+        self.pool = pool if pool is not None else ModelPool()
         self._loaded: LoadedModel | None = None
         self._data: TokenizedData | None = None
         self._peft: PeftModel | None = None
         self._fresh_state: dict[str, Any] | None = None
         self.state = "fresh"
         self.tuned_adapter_dir: Path | None = None
+        self.scorer = CachedScorer(self)
+
+    # --- lifecycle ----------------------------------------------------------------------
 
     @property
     def loaded(self) -> LoadedModel:
         if self._loaded is None:
-            from .models import load_model
-
             with self.timer.stage(f"{self.role} load"):
-                self._loaded = load_model(self.name, dtype=self.cfg.dtype, device=self.cfg.device)
+                self._loaded = self.pool.get(
+                    self.name,
+                    role=self.role,
+                    dtype=self.cfg.dtype,
+                    device=self.cfg.device,
+                    **self._load_options(),
+                )
         return self._loaded
+
+    def _load_options(self) -> dict[str, Any]:
+        # Quantised weights and device maps serve the models that are only scored: the small
+        # model (QLoRA-style tuning works on them too) and the target's verification.
+        return {"load_in": self.cfg.load_in, "device_map": self.cfg.device_map}
+
+    @property
+    def is_loaded(self) -> bool:
+        return self._loaded is not None
 
     @property
     def data(self) -> TokenizedData:
@@ -79,6 +134,10 @@ class ModelSlot:
         return self._data
 
     @property
+    def has_data(self) -> bool:
+        return self._data is not None
+
+    @property
     def peft(self) -> PeftModel:
         """The model with its LoRA adapter (fresh, or the user's ``--small-adapter``)."""
         if self._peft is None:
@@ -91,13 +150,45 @@ class ModelSlot:
                 self.state = "user"
             else:
                 self._peft = attach_lora(self.loaded.model, self.cfg.lora, seed=self.cfg.tune_seed)
+            if self.cfg.gradient_checkpointing:
+                from .models.lora import enable_gradient_checkpointing
+
+                enable_gradient_checkpointing(self._peft)
             self._fresh_state = {
                 k: v.detach().clone() for k, v in get_peft_model_state_dict(self._peft).items()
             }
         return self._peft
 
+    def release(self) -> None:
+        """Detach the LoRA from the (possibly pooled) model: it is pretrained again."""
+        if self._peft is not None:
+            from .models import detach_lora
+
+            if self.cfg.gradient_checkpointing:
+                from .models.lora import disable_gradient_checkpointing
+
+                disable_gradient_checkpointing(self._peft)
+            detach_lora(self._peft)
+            self._peft = None
+            self._fresh_state = None
+            self.state = "fresh"
+
+    # --- adapter state ------------------------------------------------------------------
+
     def identity(self) -> str:
-        return self.loaded.source.identity
+        return model_identity(self.loaded)
+
+    def key(self, kind: str, **parts: Any) -> str:
+        """A cache key of a value computed by this model on its data (see :func:`cache_key`)."""
+        model = self.loaded.model
+        return cache_key(
+            kind,
+            model=self.identity(),
+            dtype=str(getattr(model, "dtype", "")),
+            device=_device_type(model),
+            data=self.data.fingerprint(),
+            **parts,
+        )
 
     def use_fresh(self) -> PeftModel:
         """The untuned model: a fresh LoRA of the configured shape (B = 0: the base model)."""
@@ -122,19 +213,25 @@ class ModelSlot:
         from .models import save_adapter
         from .train import finetune
 
-        data = self.data if rows is None else self.data.subset(rows)
         settings = self.cfg.train_settings(epochs)
-        key = fingerprint(
-            "adapter", self.identity(), data.fingerprint(), vars(self.cfg.lora), vars(settings)
+        key = self.key(
+            "adapter",
+            scorer="adapter",
+            extra=(
+                vars(self.cfg.lora),
+                vars(settings),
+                None if rows is None else np.asarray(rows).tolist(),
+            ),
         )
         folder = self.cache.adapter_dir(key)
         if self.state == f"tuned:{key}":
             return model
         self.use_fresh()
-        if (folder / "adapter_model.safetensors").exists():
+        if self.cache.enabled and self.cache.has_adapter(key):
             logger.info("%s adapter from cache: %s", self.role, folder)
             set_peft_model_state_dict(model, load_file(str(folder / "adapter_model.safetensors")))
         else:
+            data = self.data if rows is None else self.data.subset(rows)
             # Cross-fit halves get a stage of their own: the overhead table must not read as
             # a second STAFF fine-tune.
             stage = f"{self.role} fine-tune" if rows is None else "token cross-fit fine-tune"
@@ -146,8 +243,12 @@ class ModelSlot:
                     max_batch_tokens=self.cfg.max_batch_tokens,
                     desc=f"fine-tune {self.role}"
                     + ("" if rows is None else f" on {len(rows)} rows"),
+                    on_step=self._snapshot_hook(folder, data, settings) if rows is None else None,
+                    checkpoint=self.cache.finetune_checkpoint(key),
+                    checkpoint_seconds=self.cfg.checkpoint_seconds,
                 )
             save_adapter(model, folder)
+            shutil.rmtree(self.cache.finetune_checkpoint(key), ignore_errors=True)
         self.state = f"tuned:{key}"
         if rows is None:
             self.tuned_adapter_dir = folder
@@ -158,68 +259,166 @@ class ModelSlot:
 
         return adapter_fingerprint(self.peft)
 
-    def score_key(self, score: str) -> str:
-        return fingerprint(
-            "scores", self.identity(), self.adapter_fp(), self.data.fingerprint(), score
-        )
+    # --- scores (through the cache) -----------------------------------------------------
 
     def score_all(self, score: str, stage: str) -> np.ndarray:
         """``score`` of every sample under the adapter in use (cached; resumable)."""
-        key = self.score_key(score)
-        cached = self.cache.get_full(key)
-        if cached is not None:
-            return cached
-        with self.timer.stage(stage):
-            values = self._run_scoring(score, None, self.cache.checkpoint_path(key))
-        self.cache.put_full(key, values)
-        return values
+        return self.scorer.all(score, stage)
 
     def score_some(self, score: str, indices: np.ndarray, stage: str) -> np.ndarray:
         """``score`` of the samples at ``indices``; only samples not cached are computed."""
-        key = self.score_key(score)
-        known = self.cache.get_partial(key)
-        missing = np.array([i for i in indices.tolist() if i not in known], dtype=np.int64)
-        if len(missing):
-            with self.timer.stage(stage):
-                values = self._run_scoring(score, missing, None)
-            known.update(zip(missing.tolist(), values.tolist(), strict=True))
-            self.cache.put_partial(key, known)
-        return np.array([known[i] for i in indices.tolist()], dtype=np.float64)
+        return self.scorer.some(score, indices, stage)
 
-    def _run_scoring(
-        self, score: str, indices: np.ndarray | None, checkpoint: Path | None
-    ) -> np.ndarray:
-        if self.cfg.engine == "ray":
-            from .scoring.ray_engine import score_with_ray
+    def embeddings(self, stage: str) -> np.ndarray:
+        return self.scorer.embeddings(stage)
 
-            return score_with_ray(self, score, indices)
-        from .scoring import score_samples
+    def request(
+        self, score: str, key: str, indices: np.ndarray | None, checkpoint: Path | None
+    ) -> ScoringRequest:
+        """A plain scoring request for an engine, under the adapter in use."""
+        from .models import save_adapter
 
-        return score_samples(
-            self.peft,
-            self.data,
-            score,
-            indices=indices,
+        return ScoringRequest(
+            model=self.peft,
+            model_name=self.name,
+            dtype=self.cfg.dtype,
+            device=self.cfg.device,
+            save_adapter=lambda folder: save_adapter(self.peft, folder),
+            adapter_fp=self.adapter_fp(),
+            data=self.data,
+            scorer=score,
+            key=key,
+            work_dir=self.cache.work_dir(key),
             max_batch_tokens=self.cfg.max_batch_tokens,
+            indices=indices,
             checkpoint=checkpoint,
+            checkpoint_seconds=self.cfg.checkpoint_seconds,
             desc=f"{score} on {self.role}",
         )
+
+    # --- S2L: snapshots of the small fine-tune -----------------------------------------
+
+    def _snapshot_hook(
+        self, folder: Path, data: TokenizedData, settings: TrainSettings
+    ) -> Callable[[int], None] | None:
+        """The small model's full-data fine-tune saves its LoRA weights at the fixed inner grid
+        steps (:func:`~speccore.selection.s2l.snapshot_steps`) beside its cached adapter, whatever
+        the method: S2L after STAFF then needs no second fine-tune."""
+        if self.role != "small":
+            return None
+        from .selection.s2l import snapshot_steps
+        from .train import plan_steps
+
+        wanted = set(snapshot_steps(len(plan_steps(len(data), settings))))
+        snapshots = snapshot_folder(folder)
+        model = self.peft
+
+        def on_step(step: int) -> None:
+            if step in wanted:
+                save_snapshot(model, snapshot_file(snapshots, step))
+
+        return on_step
+
+    def fine_tune_steps(self, epochs: float) -> int:
+        """Optimizer steps of this model's full-data fine-tune of ``epochs`` epochs."""
+        from .train import plan_steps
+
+        return len(plan_steps(len(self.data), self.cfg.train_settings(epochs)))
+
+    def use_snapshot(self, path: Path) -> PeftModel:
+        """The model under a LoRA snapshot saved during its fine-tune."""
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        model = self.use_fresh()
+        set_peft_model_state_dict(model, load_file(str(path)))
+        self.state = f"snapshot:{path}"
+        return model
+
+    def record_snapshots(self, epochs: float) -> None:
+        """Write the snapshots a cached tuned adapter lacks (one tuned before speccore kept
+        them): fine-tune again from the fresh adapter, then go back to the cached adapter."""
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        from .train import finetune
+
+        folder, state = self.tuned_adapter_dir, self.state
+        assert folder is not None and state.startswith("tuned:")
+        logger.warning(
+            "%s adapter %s has no training snapshots: fine-tuning again to record them",
+            self.role,
+            folder,
+        )
+        settings = self.cfg.train_settings(epochs)
+        model = self.use_fresh()
+        with self.timer.stage(f"{self.role} fine-tune"):
+            finetune(
+                model,
+                self.data,
+                settings,
+                max_batch_tokens=self.cfg.max_batch_tokens,
+                desc=f"fine-tune {self.role} (snapshots)",
+                on_step=self._snapshot_hook(folder, self.data, settings),
+            )
+        set_peft_model_state_dict(model, load_file(str(folder / "adapter_model.safetensors")))
+        self.state = state
+
+
+class CachedScorer:
+    """Scores of one model slot: from the cache, or computed by the configured engine and
+    stored."""
+
+    def __init__(self, slot: ModelSlot) -> None:
+        self.slot = slot
+
+    def key(self, score: str) -> str:
+        return self.slot.key("scores", adapter=self.slot.adapter_fp(), scorer=score)
+
+    def _engine(self) -> Engine:
+        return ENGINES[self.slot.cfg.engine]
+
+    def all(self, score: str, stage: str) -> np.ndarray:
+        slot, cache = self.slot, self.slot.cache
+        key = self.key(score)
+        cached = cache.get_full(key) if cache.enabled else None
+        if cached is not None:
+            return cached
+        with slot.timer.stage(stage):
+            values = self._engine()(slot.request(score, key, None, cache.checkpoint_path(key)))
+        cache.put_full(key, values)
+        return values
+
+    def some(self, score: str, indices: np.ndarray, stage: str) -> np.ndarray:
+        slot, cache = self.slot, self.slot.cache
+        key = self.key(score)
+        known = cache.get_partial(key) if cache.enabled else {}
+        missing = np.array([i for i in indices.tolist() if i not in known], dtype=np.int64)
+        if len(missing):
+            checkpoint = cache.partial_checkpoint_path(key)
+            with slot.timer.stage(stage):
+                values = self._engine()(slot.request(score, key, missing, checkpoint))
+            known.update(zip(missing.tolist(), values.tolist(), strict=True))
+            cache.put_partial(key, known)
+            checkpoint.unlink(missing_ok=True)
+        return np.array([known[i] for i in indices.tolist()], dtype=np.float64)
 
     def embeddings(self, stage: str) -> np.ndarray:
         from .scoring import embed_samples
 
-        key = self.score_key("embedding")
-        cached = self.cache.get_full(key)
+        slot, cache = self.slot, self.slot.cache
+        key = self.key("embedding")
+        cached = cache.get_full(key) if cache.enabled else None
         if cached is not None:
             return cached
-        with self.timer.stage(stage):
+        with slot.timer.stage(stage):
             values = embed_samples(
-                self.peft,
-                self.data,
-                max_batch_tokens=self.cfg.max_batch_tokens,
-                desc=f"embed {self.role}",
+                slot.peft,
+                slot.data,
+                max_batch_tokens=slot.cfg.max_batch_tokens,
+                desc=f"embed {slot.role}",
             )
-        self.cache.put_full(key, values)
+        cache.put_full(key, values)
         return values
 
 
@@ -239,14 +438,21 @@ class TargetVerifier:
 
 
 class ModelProvider:
-    """Scores of the data on the small and target models, computed on demand and cached."""
+    """Scores of the data on the small and target models, computed on demand and cached.
 
-    def __init__(self, cfg: SelectConfig, dataset: datasets.Dataset) -> None:
+    ``pool`` shares loaded models with other providers (a bench's cells); :meth:`close`
+    detaches this provider's adapters from them.
+    """
+
+    def __init__(
+        self, cfg: SelectConfig, dataset: datasets.Dataset, pool: ModelPool | None = None
+    ) -> None:
         self.config = cfg
         self.dataset = dataset
         self.n = len(dataset)
         self.timer = StageTimer()
-        self.cache = ScoreCache(cfg.cache_dir)
+        self.cache = ScoreCache(cfg.cache_dir, enabled=not cfg.no_cache)
+        self.pool = pool if pool is not None else ModelPool()
         self._small: ModelSlot | None = None
         self._target: ModelSlot | None = None
         self.verifications: list[TargetVerifier] = []
@@ -257,33 +463,59 @@ class ModelProvider:
         with self.timer.stage(name):
             yield
 
+    def close(self) -> None:
+        for slot in self.loaded_slots:
+            slot.release()
+
+    def __enter__(self) -> ModelProvider:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     @property
     def small(self) -> ModelSlot:
         if self._small is None:
             if not self.config.small:
                 raise ConfigError(f"--small is required for method {self.config.method!r}")
-            self._small = ModelSlot(
-                "small",
-                self.config.small,
-                self.config,
-                self.dataset,
-                self.timer,
-                self.cache,
-                adapter_path=self.config.small_adapter,
-            )
+            self._small = self._slot("small", self._small_name(), self.config.small_adapter)
         self._check_family()
         return self._small
+
+    def _small_name(self) -> str:
+        """``--small``, or for ``derive:…`` the folder of the model derived from the target on
+        the run's rows (cached; the derivation and its healing are the "small derive" stage)."""
+        from .derive import is_derive_spec, resolve_derived
+
+        name = str(self.config.small)
+        if not is_derive_spec(name):
+            return name
+        cfg = self.config
+        with self.timer.stage("small derive"):
+            # The target by name: derive loads a plain copy (no LoRA, no quantisation).
+            folder = resolve_derived(
+                name,
+                str(cfg.target),
+                self.target.data,
+                dtype=cfg.dtype,
+                device=cfg.device,
+                max_batch_tokens=cfg.max_batch_tokens,
+            )
+        return str(folder)
 
     @property
     def target(self) -> ModelSlot:
         if self._target is None:
             if not self.config.target:
                 raise ConfigError(f"--target is required for method {self.config.method!r}")
-            self._target = ModelSlot(
-                "target", self.config.target, self.config, self.dataset, self.timer, self.cache
-            )
+            self._target = self._slot("target", self.config.target, None)
         self._check_family()
         return self._target
+
+    def _slot(self, role: str, name: str, adapter: str | None) -> ModelSlot:
+        return ModelSlot(
+            role, name, self.config, self.dataset, self.timer, self.cache, adapter, self.pool
+        )
 
     def _check_family(self) -> None:
         if self._family_checked or self._small is None or self._target is None:
@@ -298,17 +530,17 @@ class ModelProvider:
             self._target.name,
         )
 
-    def small_scores(self) -> np.ndarray:
+    def small_scores(self, score: str) -> np.ndarray:
         if self.config.scores:
             return load_scores_file(self.config.scores, self.n)
         slot = self.small
         slot.use_tuned(self.config.small_epochs)
-        return slot.score_all(self.config.score, "small scoring")
+        return slot.score_all(score, "small scoring")
 
-    def verifier(self) -> TargetVerifier:
+    def verifier(self, score: str) -> TargetVerifier:
         if self.config.small and self.config.target and not self.config.scores:
             _ = self.small  # load both so the family check runs before verification
-        verifier = TargetVerifier(self.target, self.config.score)
+        verifier = TargetVerifier(self.target, score)
         self.verifications.append(verifier)
         return verifier
 
@@ -332,15 +564,100 @@ class ModelProvider:
 
     def tokenized(self) -> TokenizedData | None:
         """The tokenised data of whichever model was used (small first), for reports."""
-        for slot in (self._small, self._target):
-            if slot is not None and slot._data is not None:
-                return slot._data
+        for slot in self.loaded_slots:
+            if slot.has_data:
+                return slot.data
         return None
+
+    # --- S2L and perplexity -------------------------------------------------------------
+
+    def small_model_scores(self, score: str, tuned: bool) -> np.ndarray:
+        """``score`` of every sample on the small model, after STAFF's small fine-tune (the
+        same cached adapter) or untuned (the pretrained model); never the ``--scores`` file."""
+        slot = self.small
+        if tuned:
+            slot.use_tuned(self.config.small_epochs)
+        elif slot.adapter_path is not None:
+            raise ConfigError(
+                "the untuned small model is not available with --small-adapter; leave it out "
+                "or score the tuned model"
+            )
+        else:
+            slot.use_fresh()
+        return slot.score_all(score, "small scoring")
+
+    def small_trajectories(self, checkpoints: int) -> Trajectories:
+        """The loss of every sample at C evenly spaced checkpoints of the small model's
+        fine-tune (see :mod:`speccore.selection.s2l`): the untuned start, LoRA snapshots the
+        fine-tune saved, and the tuned adapter. Each column is a cached, resumable "loss"
+        scoring pass; the assembled [N, C] array is cached under the tuned adapter."""
+        from .selection.s2l import TRAJECTORY_STAGE, checkpoint_steps
+
+        epochs = self.config.small_epochs
+        slot = self.small
+        if slot.adapter_path is not None or epochs <= 0:
+            raise ConfigError(
+                "loss trajectories need the small model's own fine-tune: "
+                "--small-epochs > 0 and no --small-adapter"
+            )
+        slot.use_tuned(epochs)  # fine-tunes once, saving the snapshots, or loads the adapter
+        n_steps = slot.fine_tune_steps(epochs)
+        steps = checkpoint_steps(n_steps, checkpoints)
+        key = slot.key(
+            "trajectory", adapter=slot.adapter_fp(), scorer="trajectory", extra=(steps, n_steps)
+        )
+        cached = self.cache.get_full(key) if self.cache.enabled else None
+        if cached is not None:
+            return Trajectories(cached, steps, n_steps, epochs)
+        assert slot.tuned_adapter_dir is not None
+        snapshots = snapshot_folder(slot.tuned_adapter_dir)
+        inner = sorted({s for s in steps if 0 < s < n_steps})
+        if not all(snapshot_file(snapshots, s).exists() for s in inner):
+            slot.record_snapshots(epochs)
+        column = {n_steps: slot.score_all("loss", TRAJECTORY_STAGE)}
+        for s in inner:
+            slot.use_snapshot(snapshot_file(snapshots, s))
+            column[s] = slot.score_all("loss", TRAJECTORY_STAGE)
+        slot.use_fresh()  # the untuned start, checkpoint 0
+        column[0] = slot.score_all("loss", TRAJECTORY_STAGE)
+        losses = np.column_stack([column[s] for s in steps])
+        self.cache.put_full(key, losses)
+        return Trajectories(losses, steps, n_steps, epochs)
+
+
+def snapshot_folder(adapter_folder: Path) -> Path:
+    """Where a fine-tune's LoRA snapshots live: beside its adapter folder (``save_adapter``
+    replaces that folder as a whole), ``<adapter>.snapshots``."""
+    return adapter_folder.with_name(adapter_folder.name + ".snapshots")
+
+
+def snapshot_file(folder: Path, step: int) -> Path:
+    return folder / f"step-{step:07d}.safetensors"
+
+
+def save_snapshot(model: Any, path: Path) -> None:
+    """The LoRA weights of ``model`` (as ``save_pretrained`` keys them), atomically."""
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    state = {
+        k: v.detach().to("cpu", copy=True).contiguous()
+        for k, v in get_peft_model_state_dict(model).items()
+    }
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp))
+
+
+def _device_type(model: Any) -> str:
+    try:
+        return next(model.parameters()).device.type
+    except (StopIteration, AttributeError):
+        return "cpu"
 
 
 def load_scores_file(path: str, n: int) -> np.ndarray:
     """Precomputed speculative scores: ``.npy``, ``.npz`` (first array or ``scores``) or a JSON
-    list. Never unpickled."""
+    list, of one dimension. Never unpickled."""
     import json
 
     p = Path(path)
@@ -356,7 +673,12 @@ def load_scores_file(path: str, n: int) -> np.ndarray:
             values = np.asarray(json.loads(p.read_text(encoding="utf-8")), dtype=np.float64)
     except (ValueError, json.JSONDecodeError, StopIteration) as err:
         raise DataError(f"--scores: cannot read {path}: {err}") from None
-    values = np.asarray(values, dtype=np.float64).reshape(-1)
+    values = np.asarray(values, dtype=np.float64)
+    if values.ndim != 1:
+        raise DataError(
+            f"--scores: {path} holds an array of shape {values.shape}; expected one score per "
+            "row (one dimension)"
+        )
     if len(values) != n:
         raise DataError(f"--scores: {path} holds {len(values)} scores but the data has {n} rows")
     bad = np.flatnonzero(~np.isfinite(values))

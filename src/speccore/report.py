@@ -33,13 +33,17 @@ def describe(
     group_field: str | None,
     tokens: TokenizedData | None,
 ) -> dict[str, Any]:
-    """Kept fraction per group and response length distributions, coreset vs full data.
+    """Kept fraction per group and response length distributions, coreset vs full data, and
+    the Rand index of the small/target regions over STAFF's verified samples.
 
     Effort is the norm of a *mean* loss's gradient, which is larger for short responses: this
     makes such a drift visible.
     """
     keep = selection.mask
     out: dict[str, Any] = {}
+    rand = verified_rand_index(selection)
+    if rand is not None:  # beside info["agreement"]["spearman"]: same verified samples
+        out["agreement_rand_index"] = rand
     if output_field and output_field in dataset.column_names:
         chars = np.array([len(str(x)) for x in dataset[output_field]], dtype=np.float64)
         out["response_chars"] = {"full": distribution(chars), "coreset": distribution(chars[keep])}
@@ -59,6 +63,19 @@ def describe(
     return out
 
 
+def verified_rand_index(selection: Selection) -> float | None:
+    """Rand index of the K equal-width regions that the small and the target scores of STAFF's
+    verified samples each induce (K = the run's ``regions``); None without verified scores."""
+    from .agree import rand_index
+
+    agree = selection.info.get("agreement") or {}
+    small, target = agree.get("small"), agree.get("target")
+    regions = int(selection.config.get("regions") or 0)
+    if not small or not target or len(small) != len(target) or regions < 1:
+        return None
+    return rand_index(np.asarray(small), np.asarray(target), regions)
+
+
 def summary_text(selection: Selection) -> str:
     """A few lines for a person: sizes, regions, agreement, stage times."""
     lines = [
@@ -73,8 +90,11 @@ def summary_text(selection: Selection) -> str:
         )
     agree = info.get("agreement") or {}
     if agree.get("spearman") is not None:
+        rand = verified_rand_index(selection)
+        rand_text = "" if rand is None else f", Rand index {rand:.2f}"
         lines.append(
-            f"small/target agreement: Spearman {agree['spearman']:.2f} over {agree['n']} samples"
+            f"small/target agreement: Spearman {agree['spearman']:.2f}{rand_text} over "
+            f"{agree['n']} samples"
         )
     report = info.get("report", {})
     tok = report.get("response_tokens")

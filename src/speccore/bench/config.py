@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..config import LoraSettings, SelectConfig, TrainSettings
+from ..config import LoraSettings, SelectConfig, TrainSettings, bench_set_fields, token_fields
 from ..errors import ConfigError
 from .metrics import MetricSettings
 
@@ -25,33 +25,8 @@ DEFAULT_SEEDS = [0, 1, 2]
 # Token-level selection settings of the ``select:`` mapping. Only cells with token_keep < 1 use
 # them, so they are checked per token cell (see ``token_settings``), not bench-wide: setting them
 # later keeps the sample-level cells already finished.
-TOKEN_SELECT_FIELDS = ("token_scorer", "token_crossfit", "token_rank")
+TOKEN_SELECT_FIELDS = tuple(f for f in token_fields() if f not in bench_set_fields())
 ROW_SAMPLING = ("first", "random")
-
-# SelectConfig fields the bench fills in itself: from ``data:``/``models:`` or per cell.
-BENCH_SET_SELECT_FIELDS = {
-    "data": "data.train",
-    "input_field": "data.input_field",
-    "output_field": "data.output_field",
-    "template": "data.template",
-    "chat_template": "data.chat_template",
-    "messages_field": "data.messages_field",
-    "group_field": "data.group_field",
-    "split": "data.split",
-    "max_length": "data.max_length",
-    "truncation_side": "data.truncation_side",
-    "small": "models.small",
-    "target": "models.target",
-    "dtype": "models.dtype",
-    "device": "models.device",
-    "method": "methods",
-    "prune_rate": "prune_rates",
-    "seed": "seeds",
-    "token_keep": "token_keeps (per cell, for the methods in token_methods)",
-    "cache_dir": "share_cache (the bench keeps its cache in its folder)",
-    "out": "out",
-    "dry_run": "(not available in a bench)",
-}
 
 
 @dataclass
@@ -116,6 +91,9 @@ class BenchConfig:
     data: DataSettings = field(default_factory=DataSettings)
     models: ModelSettings = field(default_factory=ModelSettings)
     methods: list[str] = field(default_factory=lambda: ["staff", "random"])
+    # Named variants of a method, listed in `methods` like a method: another small model or
+    # other select settings, e.g. {staff-derived: {method: staff, small: "derive:0.5"}}.
+    variants: dict[str, dict[str, Any]] = field(default_factory=dict)
     prune_rates: list[float] = field(default_factory=lambda: list(DEFAULT_PRUNE_RATES))
     seeds: list[int] = field(default_factory=lambda: list(DEFAULT_SEEDS))
     # Fractions of response tokens kept (token-level selection on top of the coreset); 1.0 is
@@ -152,13 +130,18 @@ class BenchConfig:
     def select_config(
         self, method: str, prune_rate: float, seed: int, token_keep: float = 1.0
     ) -> SelectConfig:
-        """The SelectConfig of one cell (its cache folder inside the bench folder)."""
+        """The SelectConfig of one cell (its cache folder inside the bench folder); ``method``
+        may name a variant."""
         cache = self.folder / "cache"
         if not self.share_cache:
             cache = cache / method
         d = self.data
+        variant = dict(self.variants.get(method, {}))
+        method = variant.pop("method", method)
+        small = variant.pop("small", self.models.small)
         settings = {
             **self.select,
+            **variant,
             "data": self.train_path(),
             "input_field": d.input_field,
             "output_field": d.output_field,
@@ -169,7 +152,7 @@ class BenchConfig:
             "split": d.split,
             "max_length": d.max_length,
             "truncation_side": d.truncation_side,
-            "small": self.models.small,
+            "small": small,
             "target": self.models.target,
             "dtype": self.models.dtype,
             "device": self.models.device,
@@ -180,6 +163,10 @@ class BenchConfig:
             "cache_dir": str(cache),
         }
         return SelectConfig.from_dict(settings)
+
+    def base_method(self, name: str) -> str:
+        """The registered method of a method or variant name."""
+        return str(self.variants.get(name, {}).get("method", name))
 
     def train_path(self) -> str:
         """The data selections run on: a subset file in the bench folder, or the data itself."""
@@ -227,8 +214,13 @@ class BenchConfig:
         _validate_data(self.data)
         if not self.models.target:
             raise ConfigError("models.target is required (alias, folder, .gguf or hub name)")
-        if "staff" in self.methods and not self.models.small and "scores" not in self.select:
-            raise ConfigError("models.small is required for method staff (e.g. smollm2-135m)")
+        from ..selection.base import method_class
+
+        for m in self.methods:
+            base = self.base_method(m)
+            needs_small = "small" in method_class(base).needs and "scores" not in self.select
+            if needs_small and not (self.variants.get(m, {}).get("small") or self.models.small):
+                raise ConfigError(f"models.small is required for method {m} (e.g. smollm2-135m)")
         _validate_tokens(self)
         g = self.generation
         if g.max_new_tokens < 1 or g.batch_size < 1:
@@ -237,6 +229,8 @@ class BenchConfig:
             raise ConfigError("finetune.seed is not used: each cell's seed comes from `seeds`")
         self.metrics.validate()
         self.select_config("random", 0.5, 0).validate()
+        for name in self.variants:
+            self.select_config(name, 0.5, 0).validate()
 
 
 def _validate_top(cfg: BenchConfig) -> None:
@@ -247,9 +241,21 @@ def _validate_top(cfg: BenchConfig) -> None:
 
     import_methods()
     valid = method_names()
+    for name, variant in cfg.variants.items():
+        if name in valid:
+            raise ConfigError(f"variants: {name!r} is a method's name; give the variant its own")
+        if not isinstance(variant, dict) or variant.get("method") not in valid:
+            raise ConfigError(
+                f"variants.{name}: needs `method:` one of {', '.join(valid)} (and e.g. small:)"
+            )
+        bench_set = set(bench_set_fields()) - {"small", "method"}
+        for key in set(variant) & bench_set:
+            raise ConfigError(f"variants.{name}.{key} is set by the bench; remove it")
     for m in cfg.methods:
-        if m not in valid:
-            raise ConfigError(f"methods: unknown method {m!r}; valid: {', '.join(valid)}")
+        if m not in valid and m not in cfg.variants:
+            raise ConfigError(
+                f"methods: unknown method {m!r}; valid: {', '.join(valid)} or a variant name"
+            )
     if len(set(cfg.methods)) != len(cfg.methods):
         raise ConfigError(f"methods lists a method twice: {cfg.methods}")
     for p in cfg.prune_rates:
@@ -261,7 +267,7 @@ def _validate_top(cfg: BenchConfig) -> None:
         raise ConfigError("seeds and prune_rates must not repeat a value")
     if cfg.max_batch_tokens < 1:
         raise ConfigError(f"max_batch_tokens must be >= 1, got {cfg.max_batch_tokens}")
-    for key, where in BENCH_SET_SELECT_FIELDS.items():
+    for key, where in bench_set_fields().items():
         if key in cfg.select:
             raise ConfigError(f"select.{key} is set by the bench from {where}; remove it")
 

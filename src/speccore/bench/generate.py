@@ -1,19 +1,23 @@
 """Batched greedy generation with left padding, decoding only the new tokens.
 
-Prompts are tokenised the way training tokenised them (the tokenizer's special tokens, a single
-leading BOS) so that a fine-tuned model sees at evaluation exactly the prompt form it learned
-on, and is cut to ``max_prompt_tokens`` on the same side as training cuts prompts.
+Prompts are tokenised by the training tokeniser's own prompt encoder
+(:func:`speccore.data.tokenize.encode_prompts`: the tokenizer's special tokens, a single leading
+BOS, the same truncation) so that a fine-tuned model sees at evaluation exactly the prompt form
+it learned on. Batches come from the same loop as scoring and training
+(:class:`speccore.data.tokenized.BatchLoop`), padded on the left.
 """
 
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Sequence
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
+from ..data import tokenize
+from ..data.tokenized import IGNORE_INDEX, BatchLoop, TokenizedData, length_grouped_batches
 from ..errors import ConfigError, DataError, ModelError
 
 logger = logging.getLogger(__name__)
@@ -22,41 +26,16 @@ logger = logging.getLogger(__name__)
 def encode_prompts(
     tokenizer: Any, prompts: Sequence[str], max_prompt_tokens: int, truncation_side: str = "left"
 ) -> list[list[int]]:
-    """Token ids of each prompt: special tokens as in training, one leading BOS, at most
-    ``max_prompt_tokens`` (cut from ``truncation_side``, keeping the BOS)."""
+    """Token ids of each prompt as training encodes prompts (special tokens, one leading BOS),
+    at most ``max_prompt_tokens`` (cut from ``truncation_side``, keeping the BOS); see
+    :func:`speccore.data.tokenize.encode_prompts`. An empty prompt raises :class:`DataError`."""
     if max_prompt_tokens < 1:
         raise ConfigError(f"generation.max_prompt_tokens must be >= 1, got {max_prompt_tokens}")
-    bos = tokenizer.bos_token_id
-    encoded = tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
-    out = []
-    n_cut = 0
-    for row, ids in enumerate(encoded):
-        ids = list(ids)
+    out = tokenize.encode_prompts(tokenizer, prompts, max_prompt_tokens, truncation_side)
+    for row, ids in enumerate(out):
         if not ids:
             raise DataError(f"evaluation row {row}: the prompt is empty; give it some text")
-        # A chat template that writes its own BOS text plus the tokenizer's BOS gives two.
-        while bos is not None and len(ids) >= 2 and ids[0] == bos and ids[1] == bos:
-            ids = ids[1:]
-        if len(ids) > max_prompt_tokens:
-            n_cut += 1
-            ids = _cut(ids, bos, max_prompt_tokens, truncation_side)
-        out.append(ids)
-    if n_cut:
-        logger.info(
-            "%d of %d evaluation prompts longer than %d tokens: truncated (%s)",
-            n_cut,
-            len(out),
-            max_prompt_tokens,
-            truncation_side,
-        )
     return out
-
-
-def _cut(ids: list[int], bos: int | None, keep: int, side: str) -> list[int]:
-    head = ids[:1] if bos is not None and ids[:1] == [bos] and keep > 1 else []
-    body = ids[len(head) :]
-    room = keep - len(head)
-    return head + (body[len(body) - room :] if side == "left" else body[:room])
 
 
 def stop_token_ids(model: Any, tokenizer: Any) -> list[int]:
@@ -105,35 +84,38 @@ def generate(
         do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=stops, pad_token_id=pad
     )
     device = next(model.parameters()).device
-    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
+    # Longest first, so that a batch too large for memory fails at once; rows of similar length
+    # together, so that padding stays small.
+    prompts_data = TokenizedData(encoded, [[IGNORE_INDEX] * len(x) for x in encoded], pad)
+    plan = length_grouped_batches(
+        prompts_data.lengths, sys.maxsize, max_batch_size=batch_size, longest_first=True
+    )
     outputs: list[str] = [""] * len(encoded)
     was_training = model.training
     model.eval()
     try:
-        batches = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
-        for batch in tqdm(batches, desc=desc, unit="batch", leave=False):
-            ids, att = left_pad([encoded[i] for i in batch], pad)
-            out = model.generate(
-                input_ids=ids.to(device), attention_mask=att.to(device), generation_config=config
-            )
-            new = out[:, ids.shape[1] :].tolist()
-            for i, tokens in zip(batch, new, strict=True):
-                outputs[i] = _decode(tokenizer, tokens, stops)
+        with BatchLoop(
+            prompts_data,
+            plan,
+            device=device,
+            padding_side="left",
+            desc=desc,
+            unit="prompt",
+            leave=False,
+        ) as loop:
+            for batch in loop:
+                ids = batch.tensors["input_ids"]
+                out = model.generate(
+                    input_ids=ids,
+                    attention_mask=batch.tensors["attention_mask"],
+                    generation_config=config,
+                )
+                new = out[:, ids.shape[1] :].tolist()
+                for i, tokens in zip(batch.samples.tolist(), new, strict=True):
+                    outputs[i] = _decode(tokenizer, tokens, stops)
     finally:
         model.train(was_training)
     return outputs
-
-
-def left_pad(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``input_ids`` and ``attention_mask`` with every row right-aligned."""
-    longest = max(len(r) for r in rows)
-    ids = torch.full((len(rows), longest), pad, dtype=torch.long)
-    att = torch.zeros((len(rows), longest), dtype=torch.long)
-    for k, r in enumerate(rows):
-        if r:
-            ids[k, longest - len(r) :] = torch.tensor(r, dtype=torch.long)
-            att[k, longest - len(r) :] = 1
-    return ids, att
 
 
 def _decode(tokenizer: Any, tokens: list[int], stops: list[int]) -> str:

@@ -1,5 +1,5 @@
-"""Evaluation metrics: ROUGE-L F1 (``rouge-score``) and corpus BLEU-4 (``sacrebleu``), with
-bootstrap confidence intervals over the evaluation samples.
+"""Evaluation metrics: ROUGE-L F1 (``rouge-score``), corpus BLEU-4 (``sacrebleu``) and the
+reference NLL, with bootstrap confidence intervals over the evaluation samples.
 
 Both come from the reference libraries; this module only adapts them:
 
@@ -11,6 +11,11 @@ Both come from the reference libraries; this module only adapts them:
   sentence's sufficient statistics (n-gram matches and totals, lengths) are computed once with
   sacrebleu; a resample sums them and calls sacrebleu's own ``BLEU.compute_bleu``, which is what
   ``corpus_bleu`` does on the whole corpus: a resample costs microseconds instead of a rescoring.
+  :func:`bleu_from_statistics_batch` is the same formula on many summed statistics at once
+  (numpy), for the thousands of resamples of the paired comparisons.
+* Reference NLL: the mean token negative log-likelihood of each evaluation row's reference
+  response under the model (teacher forcing, response tokens only), through the same per-sample
+  ``loss`` score the selections use (:func:`reference_nll_rows`). Lower is better.
 """
 
 from __future__ import annotations
@@ -19,11 +24,14 @@ import logging
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ..errors import ConfigError
+
+if TYPE_CHECKING:
+    from ..data.tokenized import TokenizedData
 
 logger = logging.getLogger(__name__)
 
@@ -176,6 +184,31 @@ def bleu_from_statistics(stats: np.ndarray) -> float:
     return float(score.score)
 
 
+def bleu_from_statistics_batch(totals: np.ndarray) -> np.ndarray:
+    """Corpus BLEU-4 (0-100) of many summed statistics at once: ``totals`` (..., 10) in the
+    layout of :func:`bleu_statistics`, returns shape (...).
+
+    sacrebleu's ``BLEU.compute_bleu`` with exp smoothing, vectorised: 0 without any matched
+    n-gram or with an order of no n-gram at all (sacrebleu stops there and its floored log of
+    the missing precisions gives 0); otherwise the k-th order without a match counts as
+    ``1 / (2^k · total)``, and the brevity penalty applies when the hypotheses are shorter.
+    """
+    t = np.asarray(totals, dtype=np.float64)
+    sys_len, ref_len = t[..., 0], t[..., 1]
+    correct, total = t[..., 2 : 2 + _MAX_ORDER], t[..., 2 + _MAX_ORDER :]
+    valid = (total > 0).all(axis=-1) & (correct > 0).any(axis=-1)
+    # Invalid entries are computed on safe stand-ins and zeroed at the end.
+    safe_total = np.where(total > 0, total, 1.0)
+    safe_sys = np.where(sys_len > 0, sys_len, 1.0)
+    zero = correct == 0
+    smooth = 2.0 ** np.cumsum(zero, axis=-1)
+    precision = np.where(zero, 100.0 / (smooth * safe_total), 100.0 * correct / safe_total)
+    shorter = np.where(sys_len > 0, np.exp(1.0 - ref_len / safe_sys), 0.0)
+    bp = np.where(sys_len < ref_len, shorter, 1.0)
+    score = bp * np.exp(np.log(precision).sum(axis=-1) / _MAX_ORDER)
+    return np.where(valid, score, 0.0)
+
+
 def bootstrap_mean_ci(
     values: np.ndarray, resamples: int, seed: int, confidence: float = 0.95
 ) -> tuple[float, float]:
@@ -202,11 +235,11 @@ def bootstrap_bleu_ci(
     if resamples == 0 or len(stats) == 0:
         return (float("nan"), float("nan"))
     rng = np.random.default_rng([seed, 0xB1E0])
-    scores = np.empty(resamples)
+    totals = np.empty((resamples, stats.shape[1]), dtype=np.int64)
     for r in range(resamples):
         idx = rng.integers(0, len(stats), size=len(stats))
-        scores[r] = bleu_from_statistics(stats[idx].sum(axis=0))
-    return _percentiles(scores, confidence)
+        totals[r] = stats[idx].sum(axis=0)
+    return _percentiles(bleu_from_statistics_batch(totals), confidence)
 
 
 def _percentiles(values: np.ndarray, confidence: float) -> tuple[float, float]:
@@ -224,6 +257,27 @@ def evaluate(
 
     Returns ``rougeL``, ``rougeL_lo``, ``rougeL_hi``, ``bleu4``, ``bleu4_lo``, ``bleu4_hi``,
     ``n_eval`` and ``rougeL_per_sample`` (0-100, for later resampling or inspection).
+    :func:`evaluate_rows` returns the same metrics with every per-row value the paired
+    comparisons need.
+    """
+    metrics, per_row = evaluate_rows(predictions, references, settings)
+    return {**metrics, "rougeL_per_sample": per_row["rougeL"]}
+
+
+def evaluate_rows(
+    predictions: Sequence[str],
+    references: Sequence[Sequence[str]],
+    settings: MetricSettings | None = None,
+    nll: Sequence[float] | np.ndarray | None = None,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A cell's metrics and its per-row values: ``(metrics, per_row)``.
+
+    ``metrics``: ``rougeL``, ``rougeL_lo``, ``rougeL_hi``, ``bleu4``, ``bleu4_lo``,
+    ``bleu4_hi``, ``n_eval``, and with ``nll`` (the rows' reference NLL, from
+    :func:`reference_nll_rows`) also :func:`nll_metrics`'s keys.
+    ``per_row`` (JSON-ready lists, the cell record's ``per_row``): ``rougeL`` (per-row F1 ×
+    100), ``bleu4_stats`` (per-row BLEU sufficient statistics, n × 10 integers: corpus BLEU of
+    any subset of rows is a function of their sum) and, with ``nll``, ``nll``.
     """
     settings = settings or MetricSettings()
     if not predictions:
@@ -236,7 +290,7 @@ def evaluate(
     b_lo, b_hi = bootstrap_bleu_ci(
         stats, settings.bleu_bootstrap, settings.bootstrap_seed, settings.confidence
     )
-    return {
+    metrics: dict[str, Any] = {
         "rougeL": float(per_sample.mean()),
         "rougeL_lo": r_lo,
         "rougeL_hi": r_hi,
@@ -244,8 +298,48 @@ def evaluate(
         "bleu4_lo": b_lo,
         "bleu4_hi": b_hi,
         "n_eval": len(predictions),
-        "rougeL_per_sample": per_sample.tolist(),
     }
+    per_row: dict[str, Any] = {"rougeL": per_sample.tolist(), "bleu4_stats": stats.tolist()}
+    if nll is not None:
+        values = np.asarray(nll, dtype=np.float64)
+        metrics.update(nll_metrics(values, settings))
+        per_row["nll"] = values.tolist()
+    return metrics, per_row
+
+
+def nll_metrics(values: np.ndarray, settings: MetricSettings | None = None) -> dict[str, Any]:
+    """``nll`` (mean over rows of each row's mean token NLL, nats), its bootstrap interval
+    ``nll_lo``/``nll_hi`` over the rows, and ``n_nll`` (rows scored)."""
+    settings = settings or MetricSettings()
+    values = np.asarray(values, dtype=np.float64)
+    if values.ndim != 1 or len(values) == 0 or not np.isfinite(values).all():
+        raise ValueError("reference NLL needs one finite value per evaluation row")
+    lo, hi = bootstrap_mean_ci(
+        values, settings.bootstrap, settings.bootstrap_seed, settings.confidence
+    )
+    return {"nll": float(values.mean()), "nll_lo": lo, "nll_hi": hi, "n_nll": len(values)}
+
+
+def reference_nll_rows(model: Any, data: TokenizedData, max_batch_tokens: int = 4096) -> np.ndarray:
+    """Mean token negative log-likelihood (nats) of each row's reference response under
+    ``model``: teacher forcing, response tokens only (the prompt's labels are -100, as in
+    training). Float64, one value per row of ``data``.
+
+    ``data`` is the evaluation rows tokenised like the training rows (``tokenize_dataset``
+    with the bench's formatting, ``max_length`` and truncation side), so the response is the
+    training output field. It is scored by :func:`speccore.scoring.score_samples` with the
+    ``loss`` score (the mean cross-entropy over a row's counted tokens): one path with the
+    selections' loss scores. Token masks of ``data`` (token-level selection) are dropped: the
+    metric counts every response token. The model runs in eval mode without gradients; a row
+    without response tokens raises :class:`~speccore.errors.ScoringError` naming it.
+    """
+    from ..data.tokenized import TokenizedData
+    from ..scoring import score_samples
+
+    every_token = TokenizedData(data.input_ids, data.labels, data.pad_token_id)
+    return score_samples(
+        model, every_token, "loss", max_batch_tokens=max_batch_tokens, desc="reference NLL"
+    )
 
 
 def _check_lengths(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> None:

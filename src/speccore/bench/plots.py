@@ -1,7 +1,12 @@
 """PNG plots of a bench (matplotlib's Agg renderer through ``Figure``, no pyplot state):
 
 * ``<metric>_vs_prune_rate.png``: metric against pruning rate, one line per method (and per
-  token_keep below 1: ``staff +tok0.6``), the full-data level as a horizontal line and zero-shot as a dotted one (the paper's Fig. 1a);
+  token_keep below 1: ``staff +tok0.6``) with its mean over seeds and the seed std as error
+  bars, the full-data level as a horizontal line and zero-shot as a dotted one (the paper's
+  Fig. 1a);
+* ``<metric>_delta_vs_random.png``: each method − random per pruning rate with its paired
+  bootstrap interval and a zero line (filled marker: the interval excludes 0), from the paired
+  comparisons (:mod:`speccore.bench.paired`);
 * ``staff_effort_small_vs_target.png``: small vs target effort on the same (verified) samples,
   as distributions and as a scatter (Fig. 4);
 * ``staff_regions_p<rate>.png``: per region its size, budget and samples taken, and V_i
@@ -15,12 +20,26 @@ import logging
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ..io import atomic_path
-from .tables import FULL, METRICS, ZERO_SHOT, methods_in_order, prune_rates_in, row_label
+from .tables import (
+    FULL,
+    METRICS,
+    RANDOM,
+    SHORT_NAMES,
+    ZERO_SHOT,
+    find_diff,
+    higher_is_better,
+    methods_in_order,
+    prune_rates_in,
+    row_label,
+)
+
+if TYPE_CHECKING:
+    from .paired import PairedDiff
 
 logger = logging.getLogger(__name__)
 
@@ -39,14 +58,25 @@ def _save(fig: Any, path: Path) -> Path:
     return path
 
 
+def _colors(rows: Sequence[dict[str, Any]]) -> dict[str, str]:
+    """One colour per method row, the same in every plot of a bench."""
+    return {m: f"C{i % 10}" for i, m in enumerate(methods_in_order(rows))}
+
+
 def plot_metric_vs_prune(rows: Sequence[dict[str, Any]], metric: str, path: Path) -> Path:
     """Mean metric per method row (:func:`~speccore.bench.tables.row_label`) against the
-    pruning rate (± std over seeds as error bars)."""
+    pruning rate, ± std over seeds as error bars."""
     fig = _figure()
     ax = fig.subplots()
-    for method in methods_in_order(rows):
+    colors = _colors(rows)
+    methods, rates = methods_in_order(rows), prune_rates_in(rows)
+    # Methods shifted a little apart, so that error bars at one pruning rate do not overlap.
+    span = (max(rates) - min(rates)) if len(rates) > 1 else 0.2
+    n_seeds = 1
+    for k, method in enumerate(methods):
+        shift = (k - (len(methods) - 1) / 2) * 0.01 * span
         xs, ys, errs = [], [], []
-        for p in prune_rates_in(rows):
+        for p in rates:
             vals = [
                 r[metric]
                 for r in rows
@@ -55,21 +85,79 @@ def plot_metric_vs_prune(rows: Sequence[dict[str, Any]], metric: str, path: Path
                 and r.get(metric) is not None
             ]
             if vals:
-                xs.append(p)
+                xs.append(p + shift)
                 ys.append(float(np.mean(vals)))
                 errs.append(float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0)
+                n_seeds = max(n_seeds, len(vals))
         style = "-." if " +tok" in method else "-"  # token-level variants stand out
-        ax.errorbar(xs, ys, yerr=errs, marker="o", capsize=3, linestyle=style, label=method)
+        ax.errorbar(
+            xs,
+            ys,
+            yerr=errs,
+            marker="o",
+            capsize=3,
+            linestyle=style,
+            color=colors[method],
+            label=method,
+        )
     for ref, style in ((FULL, "--"), (ZERO_SHOT, ":")):
         vals = [r[metric] for r in rows if r["method"] == ref and r.get(metric) is not None]
         if vals:
             label = "full data" if ref == FULL else "zero-shot"
             ax.axhline(float(np.mean(vals)), color="black", linestyle=style, label=label)
-    ax.set_xticks(prune_rates_in(rows))
+    ax.set_xticks(rates)
     ax.set_xlabel("pruning rate p")
     ax.set_ylabel(METRICS.get(metric, metric))
-    ax.set_title(f"{METRICS.get(metric, metric)} vs pruning rate")
+    spread = f"mean of {n_seeds} seeds ± std" if n_seeds > 1 else "one seed"
+    ax.set_title(f"{SHORT_NAMES.get(metric, metric)} vs pruning rate ({spread})")
     ax.grid(alpha=0.3)
+    ax.legend(fontsize="small", loc="center left", bbox_to_anchor=(1.01, 0.5))
+    return _save(fig, path)
+
+
+def plot_delta_vs_random(
+    rows: Sequence[dict[str, Any]],
+    comparisons: Sequence[PairedDiff],
+    metric: str,
+    path: Path,
+) -> Path | None:
+    """Each method − random per pruning rate with its paired interval (asymmetric error bars)
+    and a zero line; markers filled where the interval excludes 0. None (nothing written)
+    without any such comparison."""
+    rates = prune_rates_in(rows)
+    methods = [m for m in methods_in_order(rows) if m != RANDOM]
+    diffs = {(m, p): find_diff(comparisons, metric, p, m, RANDOM) for m in methods for p in rates}
+    if not any(diffs.values()):
+        return None
+    colors = _colors(rows)
+    fig = _figure()
+    ax = fig.subplots()
+    width = 0.7 / max(1, len(methods))  # methods side by side within a pruning rate
+    for k, m in enumerate(methods):
+        found = [(i, d) for i, p in enumerate(rates) if (d := diffs[(m, p)]) is not None]
+        if not found:
+            continue
+        x = np.array([i for i, _ in found]) + (k - (len(methods) - 1) / 2) * width
+        y = np.array([d.delta for _, d in found])
+        err = np.array([[d.delta - d.lo, d.hi - d.delta] for _, d in found]).T
+        # The error bar carries the legend entry: one per method, whatever its markers.
+        ax.errorbar(x, y, yerr=err, fmt="none", ecolor=colors[m], capsize=3, label=m)
+        filled = np.array([d.significant for _, d in found])
+        ax.scatter(x[filled], y[filled], color=colors[m], zorder=3)
+        ax.scatter(x[~filled], y[~filled], facecolors="white", edgecolors=colors[m], zorder=3)
+    ax.axhline(0.0, color="black", linewidth=1)
+    ax.set_xticks(range(len(rates)), [f"p = {p:g}" for p in rates])
+    ax.set_xlim(-0.6, len(rates) - 0.4)
+    name = SHORT_NAMES.get(metric, metric)
+    better = "higher is better" if higher_is_better(metric) else "lower is better"
+    ax.set_ylabel(f"Δ {name}: method − random ({better})")
+    level = next(d.confidence for d in diffs.values() if d is not None)
+    ax.set_title(
+        f"Δ {name} vs random, {100 * level:g}% paired bootstrap interval\n"
+        "(filled: interval excludes 0)",
+        fontsize="medium",
+    )
+    ax.grid(alpha=0.3, axis="y")
     ax.legend(fontsize="small", loc="center left", bbox_to_anchor=(1.01, 0.5))
     return _save(fig, path)
 
@@ -128,14 +216,25 @@ def plot_regions(region_table: Sequence[dict[str, Any]], path: Path, title: str)
     return _save(fig, path)
 
 
-def write_plots(folder: Path, rows: Sequence[dict[str, Any]]) -> list[Path]:
-    """Every plot the bench's finished cells allow; returns the files written."""
+def write_plots(
+    folder: Path,
+    rows: Sequence[dict[str, Any]],
+    comparisons: Sequence[PairedDiff] | None = None,
+) -> list[Path]:
+    """Every plot the bench's finished cells allow (the Δ plots need ``comparisons``);
+    returns the files written."""
     written: list[Path] = []
     if any(r["method"] not in (FULL, ZERO_SHOT) for r in rows):
         for metric in METRICS:
+            if not any(r.get(metric) is not None for r in rows):
+                continue  # the reference NLL of cells made before it
             written.append(
                 plot_metric_vs_prune(rows, metric, folder / f"{metric}_vs_prune_rate.png")
             )
+            if comparisons:
+                path = folder / f"{metric}_delta_vs_random.png"
+                if plot_delta_vs_random(rows, comparisons, metric, path) is not None:
+                    written.append(path)
     written += _staff_plots(folder)
     return written
 

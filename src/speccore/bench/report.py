@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from collections.abc import Mapping
@@ -9,6 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from ..io import atomic_open
+from .metrics import MetricSettings
+from .paired import compare_cells, write_paired_csv
 from .tables import FULL, ZERO_SHOT, render_tables, stage_column, write_results_csv
 
 logger = logging.getLogger(__name__)
@@ -29,7 +32,18 @@ def cell_row(record: Mapping[str, Any]) -> dict[str, Any]:
         "n_eval": m.get("n_eval"),
         **{
             k: m.get(k)
-            for k in ("rougeL", "rougeL_lo", "rougeL_hi", "bleu4", "bleu4_lo", "bleu4_hi")
+            for k in (
+                "rougeL",
+                "rougeL_lo",
+                "rougeL_hi",
+                "bleu4",
+                "bleu4_lo",
+                "bleu4_hi",
+                "nll",
+                "nll_lo",
+                "nll_hi",
+                "n_nll",
+            )
         },
         "select_s": sel.get("seconds"),
         "train_s": record.get("train_seconds"),
@@ -73,15 +87,28 @@ def write_reports(
     if not rows:
         return []
     csv_path, table_path = folder / "results.csv", folder / "table.md"
+    paired_path = folder / "paired.csv"
     write_results_csv(csv_path, rows)
+    comparisons = compare_cells(cells, metric_settings(cells))
+    write_paired_csv(paired_path, comparisons)
     with atomic_open(table_path) as f:
-        f.write(render_tables(rows, title=f"Bench results: {folder.name}"))
-    written = [csv_path, table_path]
+        f.write(render_tables(rows, title=f"Bench results: {folder.name}", comparisons=comparisons))
+    written = [csv_path, paired_path, table_path]
     if plots:
         from .plots import write_plots
 
-        written += write_plots(folder, rows)
+        written += write_plots(folder, rows, comparisons)
     return written
+
+
+def metric_settings(cells: Mapping[str, Mapping[str, Any]]) -> MetricSettings | None:
+    """The bench's metric settings (bootstrap resamples, seed), as its cells recorded them."""
+    for record in cells.values():
+        raw = (record.get("settings") or {}).get("metrics")
+        if isinstance(raw, dict):
+            names = {f.name for f in dataclasses.fields(MetricSettings)}
+            return MetricSettings(**{k: v for k, v in raw.items() if k in names})
+    return None
 
 
 def planned_methods(folder: Path) -> list[str] | None:

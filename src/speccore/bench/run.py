@@ -26,15 +26,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from tqdm.auto import tqdm
 
+from ..agree import rand_index
 from ..config import TrainSettings
 from ..data import Formatting, load_rows, prompt_texts, tokenize_dataset
 from ..errors import ConfigError, DataError
 from ..io import atomic_open, fingerprint, write_json
+from ..models.pool import ModelPool
+from ..progress import progress
 from .config import BenchConfig, load_bench_config
 from .generate import generate
-from .metrics import evaluate
+from .metrics import evaluate_rows, reference_nll_rows
 from .report import collect_rows, write_reports
 
 if TYPE_CHECKING:
@@ -103,6 +105,8 @@ class CellRun:
     train_stats: dict[str, float]
     train_seconds: float | None
     generate_seconds: float
+    nll: np.ndarray | None = None
+    nll_seconds: float = 0.0
 
 
 @dataclass
@@ -138,9 +142,12 @@ class BenchRunner:
         self.settings_fp = fingerprint(self.settings)
         self.token_settings = cfg.token_settings()
         self._data: BenchData | None = None
+        # One pool for every cell: the small model and the target load once per bench.
+        self.pool = ModelPool()
         self._loaded: LoadedModel | None = None
         self._base: Any = None
         self._train_tokens: TokenizedData | None = None
+        self._eval_tokens: TokenizedData | None = None
         self._prompts: list[str] | None = None
 
     # --- the loop ------------------------------------------------------------------------
@@ -154,12 +161,14 @@ class BenchRunner:
         )
         cells = plan_cells(self.cfg)
         todo = [c for c in cells if c.name not in done]
+        if todo:
+            _ = self.data  # the training subset the selections read exists before any cell
         result = BenchResult(self.folder, [], skipped=[c.name for c in cells if c.name in done])
         if result.skipped:
             logger.info(
                 "resuming: %d of %d cells already finished", len(result.skipped), len(cells)
             )
-        for cell in tqdm(todo, desc="bench cells", unit="cell"):
+        for cell in progress(todo, desc="bench cells", unit="cell"):
             record = self.run_cell(cell)
             write_json(cell_path(self.folder, cell.name), record)
             done[cell.name] = record
@@ -178,8 +187,9 @@ class BenchRunner:
         indices = np.arange(len(self.data.train)) if selection is None else selection.indices
         run = self.predict(cell, indices, tokens)
         start = time.perf_counter()
-        metrics = evaluate(run.predictions, self.data.references, self.cfg.metrics)
-        per_sample = metrics.pop("rougeL_per_sample")
+        metrics, per_row = evaluate_rows(
+            run.predictions, self.data.references, self.cfg.metrics, nll=run.nll
+        )
         record = {
             "name": cell.name,
             "method": cell.method,
@@ -196,8 +206,10 @@ class BenchRunner:
             "train": run.train_stats,
             "train_seconds": run.train_seconds,
             "eval_seconds": run.generate_seconds + time.perf_counter() - start,
+            "nll_seconds": run.nll_seconds,
+            "generate_seconds": run.generate_seconds,
             "predictions": run.predictions,
-            "rougeL_per_sample": per_sample,
+            "per_row": per_row,
             "settings_fp": self.settings_fp,
             "settings": self.settings,
             **({"token_settings": self.token_settings} if cell.token_keep < 1 else {}),
@@ -212,7 +224,7 @@ class BenchRunner:
 
         assert cell.seed is not None
         cfg = self.cfg.select_config(cell.method, cell.prune_rate, cell.seed, cell.token_keep)
-        selection, tokens = select_with_tokens(cfg)
+        selection, tokens = select_with_tokens(cfg, pool=self.pool)
         if (tokens is not None) != (cell.token_keep < 1):
             raise RuntimeError(f"cell {cell.name}: token masks do not match its token_keep")
         # Written before the cell's result: a cell JSON never points at a missing selection.
@@ -233,9 +245,10 @@ class BenchRunner:
         from ..train import finetune
 
         if cell.method == ZERO_SHOT:
+            nll, nll_seconds = self.reference_nll(self.base)
             start = time.perf_counter()
             predictions = self.generate(self.base, cell)
-            return CellRun(predictions, {}, None, time.perf_counter() - start)
+            return CellRun(predictions, {}, None, time.perf_counter() - start, nll, nll_seconds)
         assert cell.seed is not None
         settings = TrainSettings(**{**vars(self.cfg.finetune), "seed": cell.seed})
         data = self.train_data(indices, tokens)
@@ -250,10 +263,26 @@ class BenchRunner:
                 desc=f"fine-tune target ({cell.name})",
             )
             trained = time.perf_counter()
+            # The reference NLL first: one forward pass per row, much cheaper than generation.
+            nll, nll_seconds = self.reference_nll(peft)
+            generating = time.perf_counter()
             predictions = self.generate(peft, cell)
         finally:
             self._base = detach_lora(peft)
-        return CellRun(predictions, stats, trained - start, time.perf_counter() - trained)
+        return CellRun(
+            predictions,
+            stats,
+            trained - start,
+            time.perf_counter() - generating,
+            nll,
+            nll_seconds,
+        )
+
+    def reference_nll(self, model: Any) -> tuple[np.ndarray, float]:
+        """Each evaluation row's mean token NLL of its reference under ``model``, and seconds."""
+        start = time.perf_counter()
+        values = reference_nll_rows(model, self.eval_tokens, self.cfg.max_batch_tokens)
+        return values, time.perf_counter() - start
 
     def train_data(self, indices: np.ndarray, tokens: TokenSelection | None) -> TokenizedData:
         """The target's tokenised rows at ``indices``; with ``tokens``, carrying its masks.
@@ -296,10 +325,8 @@ class BenchRunner:
     @property
     def loaded(self) -> LoadedModel:
         if self._loaded is None:
-            from ..models import load_model
-
             m = self.cfg.models
-            self._loaded = load_model(m.target, dtype=m.dtype, device=m.device)
+            self._loaded = self.pool.get(m.target, dtype=m.dtype, device=m.device)
             self._base = self._loaded.model
         return self._loaded
 
@@ -320,6 +347,20 @@ class BenchRunner:
                 d.truncation_side,
             )
         return self._train_tokens
+
+    @property
+    def eval_tokens(self) -> TokenizedData:
+        """The evaluation rows tokenised like the training rows (for the reference NLL)."""
+        if self._eval_tokens is None:
+            d = self.cfg.data
+            self._eval_tokens = tokenize_dataset(
+                self.data.eval,
+                self.loaded.tokenizer,
+                Formatting.from_config(d),
+                d.max_length,
+                d.truncation_side,
+            )
+        return self._eval_tokens
 
     @property
     def prompts(self) -> list[str]:
@@ -527,20 +568,6 @@ def verified_scores(selection: Selection | dict[str, Any]) -> tuple[Any, Any]:
     return small, target
 
 
-def rand_index(small: np.ndarray, target: np.ndarray, regions: int) -> float | None:
-    """Rand index between the regions small and target scores induce on the same samples, each
-    split into ``regions`` equal-width regions over its own range."""
-    from sklearn.metrics import rand_score
-
-    from ..selection.regions import equal_width_regions
-
-    if len(small) < 2 or regions < 1:
-        return None
-    a = equal_width_regions(np.asarray(small, dtype=np.float64), regions)
-    b = equal_width_regions(np.asarray(target, dtype=np.float64), regions)
-    return float(rand_score(a, b))
-
-
 def _kept_token_fraction(cell: Cell, selection: Selection | None) -> float | None:
     """Share of the training rows' response tokens the cell's fine-tune used."""
     if cell.method == ZERO_SHOT:
@@ -553,16 +580,18 @@ def _log_cell(record: dict[str, Any]) -> None:
     m = record["metrics"]
     sel = record["selection"] or {}
     logger.info(
-        "cell %s: ROUGE-L %.2f [%.2f, %.2f], BLEU-4 %.2f; selection %.1f s, fine-tune %.1f s, "
-        "eval %.1f s",
+        "cell %s: ROUGE-L %.2f [%.2f, %.2f], BLEU-4 %.2f, reference NLL %s; selection %.1f s, "
+        "fine-tune %.1f s, NLL %.1f s, generation %.1f s",
         record["name"],
         m["rougeL"],
         m["rougeL_lo"],
         m["rougeL_hi"],
         m["bleu4"],
+        "—" if m.get("nll") is None else f"{m['nll']:.3f}",
         sel.get("seconds") or 0.0,
         record["train_seconds"] or 0.0,
-        record["eval_seconds"],
+        record.get("nll_seconds") or 0.0,
+        record.get("generate_seconds") or 0.0,
     )
     if float(record.get("token_keep", 1.0)) < 1:
         logger.info(

@@ -1,5 +1,11 @@
-"""``results.csv`` and the Markdown tables: Table-1 style results (method × pruning rate, mean ±
-std over seeds, best in bold, second underlined) and a Table-2 style selection-overhead table.
+"""``results.csv`` and the Markdown tables: a verdict, Table-1 style results (method × pruning
+rate, mean ± std over seeds) with a "Δ vs random" block per metric, and a Table-2 style
+selection-overhead table.
+
+With paired comparisons (:mod:`speccore.bench.paired`), a column's best method is bold only when
+it is significantly ahead of the runner-up; otherwise the table names the tied leaders. Without
+them (a ``results.csv`` alone, or cells written before per-row values existed) the ranking is by
+mean and says it is untested. Missing metrics (e.g. the reference NLL of older cells) show "—".
 
 A method trained on part of the response tokens (``token_keep`` < 1) is a row of its own,
 labelled ``staff +tok0.6``, next to the sample-level ``staff`` row.
@@ -11,19 +17,32 @@ results file without the cells that made it.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import math
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ..io import atomic_open
 
+if TYPE_CHECKING:
+    from .paired import PairedDiff
+
 FULL = "full"
 ZERO_SHOT = "zero-shot"
 REFERENCE_LABELS = {ZERO_SHOT: "zero-shot (no fine-tuning)", FULL: "full data (p = 0)"}
-METRICS = {"rougeL": "ROUGE-L (F1 × 100)", "bleu4": "BLEU-4"}
+RANDOM = "random"
+METRICS = {
+    "rougeL": "ROUGE-L (F1 × 100)",
+    "bleu4": "BLEU-4",
+    "nll": "Reference NLL (nats/token, lower is better)",
+}
+SHORT_NAMES = {"rougeL": "ROUGE-L", "bleu4": "BLEU-4", "nll": "reference NLL"}
+LOWER_IS_BETTER = frozenset({"nll"})
+# (mean, interval) decimals: NLL differences between methods live in the second decimal.
+_DECIMALS = {"nll": (3, 3)}
 BASE_COLUMNS = [
     "method",
     "prune_rate",
@@ -44,6 +63,8 @@ COMPUTE_KEYS = ("select_s", "train_s", "eval_s")
 # Written when the rows have them (every bench row does; a results.csv from before token
 # selection does not, and reads and writes back unchanged).
 TOKEN_COLUMNS = {"token_keep": "prune_rate", "kept_token_fraction": "rand_index"}
+# Written after BLEU when any row has a reference NLL (a bench from before it has none).
+NLL_COLUMNS = ["nll", "nll_lo", "nll_hi", "n_nll"]
 STAGE_PREFIX, STAGE_SUFFIX = "sel_", "_s"
 _TEXT_COLUMNS = {"method"}
 
@@ -67,9 +88,13 @@ def stage_label(column: str) -> str:
 def columns_for(rows: Sequence[dict[str, Any]]) -> list[str]:
     """Fixed columns, then every stage column any row has (in order of first appearance,
     which is the order the stages ran in), then the tail; ``token_keep`` after
-    ``prune_rate`` and ``kept_token_fraction`` last, when the rows have them."""
+    ``prune_rate`` and ``kept_token_fraction`` last, when the rows have them; the reference
+    NLL columns after BLEU when a row has a value."""
     stages = dict.fromkeys(k for r in rows for k in r if k.startswith(STAGE_PREFIX))
     columns = BASE_COLUMNS + list(stages) + TAIL_COLUMNS
+    if any(r.get(c) is not None for r in rows for c in NLL_COLUMNS):
+        at = columns.index("bleu4_hi") + 1
+        columns[at:at] = NLL_COLUMNS
     for column, after in TOKEN_COLUMNS.items():
         if any(column in r for r in rows):
             columns.insert(columns.index(after) + 1, column)
@@ -119,11 +144,35 @@ def _parse_row(row: dict[str, str]) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 
 
-def render_tables(rows: Sequence[dict[str, Any]], title: str = "Bench results") -> str:
-    """The whole ``table.md``: one results block per metric, agreement, then the overhead."""
-    parts = [f"# {title}", ""]
+def render_tables(
+    rows: Sequence[dict[str, Any]],
+    title: str = "Bench results",
+    comparisons: Sequence[PairedDiff] | None = None,
+) -> str:
+    """The whole ``table.md``: the verdict, per metric its results table and its "Δ vs random"
+    block, then agreement and the overhead.
+
+    ``comparisons``: the bench's paired differences (:func:`speccore.bench.paired.compare_cells`
+    or a ``paired.csv``); without them the tables rank by mean and say it is untested.
+    """
+    parts = [f"# {title}", "", "## Verdict", "", verdict(rows, comparisons), ""]
     for metric, label in METRICS.items():
-        parts += [f"## {label}", "", metric_table(rows, metric), ""]
+        if metric == "nll" and not _has(rows, metric) and not _any_for(comparisons, metric):
+            parts += [
+                f"## {label}",
+                "",
+                "_No cell has a reference NLL (cells made before it)._",
+                "",
+            ]
+            continue
+        parts += [f"## {label}", "", metric_table(rows, metric, comparisons), ""]
+        if comparisons is not None:
+            parts += [
+                f"### Δ vs random: {SHORT_NAMES[metric]}",
+                "",
+                delta_table(rows, comparisons, metric),
+                "",
+            ]
     agreement = agreement_table(rows)
     if agreement:
         parts += ["## Small/target agreement (STAFF)", "", agreement, ""]
@@ -142,6 +191,10 @@ def compute_line(rows: Sequence[dict[str, Any]]) -> str:
         f"{parts['train_s']:.0f} s + evaluation {parts['eval_s']:.0f} s = {total:.0f} s "
         f"({total / 60:.1f} min); model loads and tokenisation not included._"
     )
+
+
+def higher_is_better(metric: str) -> bool:
+    return metric not in LOWER_IS_BETTER
 
 
 def row_label(row: dict[str, Any]) -> str:
@@ -166,9 +219,24 @@ def prune_rates_in(rows: Iterable[dict[str, Any]]) -> list[float]:
     return sorted({float(r["prune_rate"]) for r in rows if r["method"] not in REFERENCE_LABELS})
 
 
-def metric_table(rows: Sequence[dict[str, Any]], metric: str) -> str:
-    """Methods × pruning rates; mean ± std over seeds, bootstrap interval in brackets; per
-    column the best method in bold and the second underlined (reference rows not ranked)."""
+def order_by_mean(means: dict[str, float | None], higher_is_better: bool = True) -> list[str]:
+    """Methods with a value, best first (ties keep the order of ``means``)."""
+    valid = {m: v for m, v in means.items() if v is not None and not math.isnan(v)}
+    return sorted(valid, key=lambda m: -valid[m] if higher_is_better else valid[m])
+
+
+def metric_table(
+    rows: Sequence[dict[str, Any]],
+    metric: str,
+    comparisons: Sequence[PairedDiff] | None = None,
+) -> str:
+    """Methods × pruning rates; mean ± std over seeds, bootstrap interval in brackets.
+
+    Without ``comparisons``: per column the best method by mean in bold and the second
+    underlined, said to be untested. With them: the best is bold (and the second underlined)
+    only when the paired test puts it significantly ahead of the second; otherwise a line
+    under the table names the leaders that are tied. Reference rows are never ranked.
+    """
     rates = prune_rates_in(rows)
     methods = methods_in_order(rows)
     header = ["method", "reference", *[f"p = {p:g}" for p in rates]]
@@ -177,22 +245,90 @@ def metric_table(rows: Sequence[dict[str, Any]], metric: str) -> str:
         group = [r for r in rows if r["method"] == ref]
         if group:
             lines.append(_md_row([label, format_value(group, metric), *[""] * len(rates)]))
-    means = {
-        (m, p): _mean([r[metric] for r in _cell_rows(rows, m, p)]) for m in methods for p in rates
-    }
-    ranks = {p: rank_marks({m: means[(m, p)] for m in methods}) for p in rates}
+    up = higher_is_better(metric)
+    marks: dict[float, dict[str, str]] = {}
+    leaders: list[str] = []
+    for p in rates:
+        means = {m: _mean(r.get(metric) for r in _cell_rows(rows, m, p)) for m in methods}
+        if comparisons is None:
+            marks[p] = rank_marks(means, _DECIMALS.get(metric, (2, 1))[0], up)
+        else:
+            marks[p], line = tested_marks(comparisons, metric, p, order_by_mean(means, up))
+            leaders += [line] if line else []
     for m in methods:
-        cells = [format_value(_cell_rows(rows, m, p), metric, ranks[p].get(m)) for p in rates]
+        cells = [format_value(_cell_rows(rows, m, p), metric, marks[p].get(m)) for p in rates]
         lines.append(_md_row([m, "", *cells]))
-    n_seeds = max((len(_cell_rows(rows, m, p)) for m in methods for p in rates), default=1)
-    return "\n".join(lines) + "\n\n" + _table1_note(n_seeds)
+    n_seeds = max(
+        (
+            sum(r.get(metric) is not None for r in _cell_rows(rows, m, p))
+            for m in methods
+            for p in rates
+        ),
+        default=1,
+    )
+    note = _table1_note(max(1, n_seeds), tested=comparisons is not None)
+    return "\n".join(lines) + "\n\n" + "\n".join([note, *(f"- {x}" for x in leaders)])
 
 
-def _table1_note(n_seeds: int) -> str:
+def tested_marks(
+    comparisons: Sequence[PairedDiff], metric: str, rate: float, order: list[str]
+) -> tuple[dict[str, str], str]:
+    """Marks of one column from the paired test of its two leaders (``order``: best first),
+    and the line that says what the test found ("" with fewer than two methods)."""
+    if len(order) < 2:
+        return {}, ""
+    best, second = order[0], order[1]
+    head = f"p = {rate:g}:"
+    d = find_diff(comparisons, metric, rate, best, second)
+    if d is None or math.isnan(d.lo):
+        return {}, f"{head} leaders {best}, {second} not tested (no paired per-row values)."
+    if d.better:
+        return (
+            {best: "best", second: "second"},
+            f"{head} **{best}** significantly ahead of {second}: {format_diff(d)}.",
+        )
+    tied = [best] + [
+        m
+        for m in order[1:]
+        if (x := find_diff(comparisons, metric, rate, m, best)) is not None and not x.significant
+    ]
+    return {}, f"{head} leaders tied ({', '.join(tied)}); {best} − {second}: {format_diff(d)}."
+
+
+def find_diff(
+    comparisons: Sequence[PairedDiff], metric: str, rate: float, method: str, baseline: str
+) -> PairedDiff | None:
+    """The paired difference ``method`` − ``baseline``, also from a stored ``baseline`` −
+    ``method`` (negated); None if neither was computed."""
+    for d in comparisons:
+        if d.metric != metric or not math.isclose(d.prune_rate, rate, abs_tol=1e-9):
+            continue
+        if (d.method, d.baseline) == (method, baseline):
+            return d
+    for d in comparisons:
+        if d.metric != metric or not math.isclose(d.prune_rate, rate, abs_tol=1e-9):
+            continue
+        if (d.method, d.baseline) == (baseline, method):
+            return dataclasses.replace(
+                d, method=method, baseline=baseline, delta=-d.delta, lo=-d.hi, hi=-d.lo
+            )
+    return None
+
+
+def _table1_note(n_seeds: int, tested: bool = False) -> str:
     spread = f"mean ± std over {n_seeds} seeds" if n_seeds > 1 else "one seed"
-    return (
+    head = (
         f"_{spread}; [lo, hi]: bootstrap 95% interval over the evaluation samples (averaged "
-        "over seeds); per pruning rate **best** and <u>second</u> among selection methods._"
+        "over seeds); "
+    )
+    if not tested:
+        return head + (
+            "per pruning rate **best** and <u>second</u> among selection methods by mean "
+            "(not tested: no paired comparisons)._"
+        )
+    return head + (
+        "per pruning rate **best** (and <u>second</u>) only where a paired test puts the "
+        "best significantly ahead of the second, otherwise the leaders are tied:_"
     )
 
 
@@ -205,12 +341,14 @@ def _cell_rows(rows: Sequence[dict[str, Any]], label: str, rate: float) -> list[
     ]
 
 
-def rank_marks(means: dict[str, float | None], decimals: int = 2) -> dict[str, str]:
+def rank_marks(
+    means: dict[str, float | None], decimals: int = 2, higher_is_better: bool = True
+) -> dict[str, str]:
     """``best``/``second`` per method by mean (ties, after rounding, share a mark)."""
     values = {
         m: round(v, decimals) for m, v in means.items() if v is not None and not math.isnan(v)
     }
-    distinct = sorted(set(values.values()), reverse=True)
+    distinct = sorted(set(values.values()), reverse=higher_is_better)
     marks: dict[str, str] = {}
     for m, v in values.items():
         if v == distinct[0]:
@@ -221,14 +359,16 @@ def rank_marks(means: dict[str, float | None], decimals: int = 2) -> dict[str, s
 
 
 def format_value(group: Sequence[dict[str, Any]], metric: str, mark: str | None = None) -> str:
-    """``mean ± std [lo, hi]`` (no ± with one seed), emphasised as ``mark`` says."""
+    """``mean ± std [lo, hi]`` (no ± with one seed), emphasised as ``mark`` says; "—" when no
+    row has the metric."""
     values = [r[metric] for r in group if r.get(metric) is not None]
     if not values:
         return "—"
+    digits, interval_digits = _DECIMALS.get(metric, (2, 1))
     mean = float(np.mean(values))
-    text = f"{mean:.2f}"
+    text = f"{mean:.{digits}f}"
     if len(values) > 1:
-        text += f" ± {float(np.std(values, ddof=1)):.2f}"
+        text += f" ± {float(np.std(values, ddof=1)):.{digits}f}"
     if mark == "best":
         text = f"**{text}**"
     elif mark == "second":
@@ -236,7 +376,7 @@ def format_value(group: Sequence[dict[str, Any]], metric: str, mark: str | None 
     lo = _mean([r.get(f"{metric}_lo") for r in group])
     hi = _mean([r.get(f"{metric}_hi") for r in group])
     if lo is not None and hi is not None:
-        text += f" [{lo:.1f}, {hi:.1f}]"
+        text += f" [{lo:.{interval_digits}f}, {hi:.{interval_digits}f}]"
     return text
 
 
@@ -247,6 +387,168 @@ def _mean(values: Iterable[Any]) -> float | None:
 
 def _md_row(cells: Sequence[str]) -> str:
     return "| " + " | ".join(cells) + " |"
+
+
+def _has(rows: Sequence[dict[str, Any]], metric: str) -> bool:
+    return any(r.get(metric) is not None for r in rows)
+
+
+def _any_for(comparisons: Sequence[PairedDiff] | None, metric: str) -> bool:
+    return any(d.metric == metric for d in comparisons or ())
+
+
+# ---------------------------------------------------------------------------------------------
+# Paired differences: the "Δ vs random" blocks and the verdict
+# ---------------------------------------------------------------------------------------------
+
+BETTER_MARK, WORSE_MARK = "▲", "▼"
+
+
+def format_diff(d: PairedDiff, seed_std: bool = False) -> str:
+    """``+1.23 [+0.40, +2.05], p-value 0.004`` (with ``seed_std``: ``+1.23 ± 0.80 [...]``)."""
+    digits = _DECIMALS.get(d.metric, (2, 1))[0]
+    text = f"{d.delta:+.{digits}f}"
+    if seed_std and d.seed_std is not None:
+        text += f" ± {d.seed_std:.{digits}f}"
+    if not math.isnan(d.lo):
+        text += f" [{d.lo:+.{digits}f}, {d.hi:+.{digits}f}], {format_p(d.p)}"
+    return text
+
+
+def format_p(p: float) -> str:
+    """``p-value 0.004`` (spelled out: ``p = 0.9`` is a pruning rate in these tables)."""
+    if math.isnan(p):
+        return "p-value —"
+    return "p-value < 0.001" if p < 0.001 else f"p-value {p:.3f}".rstrip("0").rstrip(".")
+
+
+def delta_table(
+    rows: Sequence[dict[str, Any]], comparisons: Sequence[PairedDiff], metric: str
+) -> str:
+    """Method rows × pruning rates: each method − random, its seed spread, paired interval and
+    p, marked ▲/▼ only where the interval excludes 0 (▲: better than random)."""
+    rates = prune_rates_in(rows)
+    methods = [m for m in methods_in_order(rows) if m != RANDOM]
+    diffs = {(m, p): find_diff(comparisons, metric, p, m, RANDOM) for m in methods for p in rates}
+    found = [d for d in diffs.values() if d is not None]
+    if not found:
+        return (
+            "_No paired difference with random: no random cells, or the cells carry no "
+            "per-row values of this metric (made before paired statistics)._"
+        )
+    header = ["method − random", *[f"p = {p:g}" for p in rates]]
+    lines = [_md_row(header), _md_row(["---"] * len(header))]
+    for m in methods:
+        lines.append(_md_row([m, *[_delta_cell(diffs[(m, p)]) for p in rates]]))
+    return "\n".join(lines) + "\n\n" + _delta_note(found, metric)
+
+
+def _delta_cell(d: PairedDiff | None) -> str:
+    if d is None:
+        return "—"
+    mark = f" {BETTER_MARK}" if d.better else f" {WORSE_MARK}" if d.worse else ""
+    return format_diff(d, seed_std=True) + mark
+
+
+def _delta_note(found: Sequence[PairedDiff], metric: str) -> str:
+    seeds = _plural(_span(d.n_seeds for d in found), "seed")
+    n_rows = _span(d.n_rows for d in found)
+    resamples = _span(d.resamples for d in found)
+    level = f"{100 * found[0].confidence:g}%"
+    direction = (
+        "lower is better: ▲ marks a significantly lower NLL than random"
+        if not higher_is_better(metric)
+        else "▲ better / ▼ worse than random"
+    )
+    return (
+        f"_Δ = method − random, mean over the {seeds} both ran, ± the seed-to-seed std of Δ; "
+        f"[lo, hi]: {level} paired bootstrap interval ({resamples} resamples of the "
+        f"{n_rows} evaluation rows, the same rows for every seed and both methods); "
+        f"two-sided paired bootstrap p-value; {direction}, only where the interval excludes "
+        "0._"
+    )
+
+
+def _span(values: Iterable[int]) -> str:
+    vals = sorted(set(values))
+    return str(vals[0]) if len(vals) == 1 else f"{vals[0]}-{vals[-1]}"
+
+
+def verdict(rows: Sequence[dict[str, Any]], comparisons: Sequence[PairedDiff] | None) -> str:
+    """One paragraph: which methods beat random (or are worse) on which metric at which
+    pruning rate, by the paired intervals."""
+    if comparisons is None:
+        return (
+            "No paired comparisons: the rankings below are by mean only and not tested "
+            "(rebuild the tables from the bench's cells to get them)."
+        )
+    if not any(r["method"] == RANDOM for r in rows):
+        return "No `random` cells: nothing to compare the selection methods against."
+    # The comparisons against random (random may also be another method's best other).
+    vs_random = [d for d in comparisons if d.baseline == RANDOM and d.kind == RANDOM]
+    if not vs_random:
+        return (
+            "No paired comparison with random: the cells carry no per-row metric values (made "
+            "before paired statistics); the per-cell intervals below are not paired."
+        )
+    level = f"{100 * vs_random[0].confidence:g}%"
+    seeds = _plural(_span(d.n_seeds for d in vs_random), "seed")
+    sentences = [
+        f"Paired against random on the same evaluation rows and seeds ({seeds}; "
+        f"{_rows_text(vs_random)}; {level} paired bootstrap intervals):"
+    ]
+    for rate in prune_rates_in(rows):
+        found = []
+        for m in methods_in_order(rows):
+            here = [find_diff(vs_random, metric, rate, m, RANDOM) for metric in METRICS]
+            text = _method_verdict(m, [d for d in here if d is not None])
+            found += [text] if text else []
+        if found:
+            sentences.append(f"at p = {rate:g}, " + "; ".join(found) + ".")
+        else:
+            sentences.append(f"at p = {rate:g}, no method differs significantly from random.")
+    tail = (
+        f"Every other difference is within noise. {len(vs_random)} comparisons with random "
+        f"were tested at {level}: about 1 in {round(1 / (1 - vs_random[0].confidence))} "
+        "clears that bar by chance where there is no difference."
+    )
+    return " ".join([sentences[0], *_capitalised(sentences[1:]), tail])
+
+
+def _method_verdict(method: str, diffs: Sequence[PairedDiff]) -> str:
+    better = [d for d in diffs if d.better]
+    worse = [d for d in diffs if d.worse]
+    if better and worse:
+        return f"{method} beats random on {_listed(better)} but is worse on {_listed(worse)}"
+    if better:
+        return f"{method} beats random on {_listed(better)}"
+    if worse:
+        return f"{method} is worse than random on {_listed(worse)}"
+    return ""
+
+
+def _listed(diffs: Sequence[PairedDiff]) -> str:
+    parts = [f"{SHORT_NAMES.get(d.metric, d.metric)} ({format_diff(d)})" for d in diffs]
+    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+
+
+def _rows_text(diffs: Sequence[PairedDiff]) -> str:
+    present = {
+        m: _span(d.n_rows for d in diffs if d.metric == m)
+        for m in METRICS
+        if any(d.metric == m for d in diffs)
+    }
+    if len(set(present.values())) == 1:
+        return f"{next(iter(present.values()))} evaluation rows"
+    return "evaluation rows: " + ", ".join(f"{SHORT_NAMES[m]} {n}" for m, n in present.items())
+
+
+def _plural(count: str, noun: str) -> str:
+    return f"{count} {noun}" if count == "1" else f"{count} {noun}s"
+
+
+def _capitalised(sentences: Sequence[str]) -> list[str]:
+    return [s[0].upper() + s[1:] for s in sentences]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,12 +1,18 @@
 """Load training rows from a file, a saved dataset or the hub, and write a coreset back out.
 
-Files are read by speccore itself rather than by ``datasets``' loaders so that a bad line gets a
-one-line error naming its line number, CSV cells stay text (a CSV has no types: an answer
-``"42"`` must not turn into an int), and nothing is written to the ``datasets`` cache.
+Files are read by speccore itself rather than by ``datasets``' loaders so that a bad row gets a
+one-line error naming it, CSV cells stay text (a CSV has no types: an answer ``"42"`` must not
+turn into an int), and nothing is written to the ``datasets`` cache. A file that cannot be read
+at all (corrupt gzip, bad Parquet, not UTF-8) is a one-line :class:`DataError` naming the file.
 
-Rows are numbered 0, 1, 2, ... in file order; blank lines (JSONL, JSON lines) and blank records
-(CSV) are skipped and get no number. :func:`write_coreset` numbers rows the same way, so index
-``i`` always means the same row.
+Rows are indexed 0, 1, 2, ... in file order in code, the coreset and the scores; blank lines
+(JSONL, JSON lines) and blank records (CSV) are skipped and get no index. :func:`write_coreset`
+indexes rows the same way, so index ``i`` always means the same row.
+
+Messages to people count rows from 1, as a text editor counts lines: index ``i`` is
+``row i+1 (1-based)`` (:func:`row_label`), in this loader and in the formatter alike. Where the
+row's line in the file differs (blank lines skipped, a CSV header, a multi-line CSV record),
+the line is named too: ``train.csv row 2 (1-based, line 3)``.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import gzip
 import io
 import json
 import logging
+import zlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
@@ -42,6 +49,31 @@ _SUFFIXES = {
 # Files ``datasets.save_to_disk`` writes: a Dataset folder has the first two, a DatasetDict the last.
 _SAVED_MARKERS = ("state.json", "dataset_info.json", "dataset_dict.json")
 _BOM = b"\xef\xbb\xbf"
+
+
+def row_label(index: int, line: int | None = None) -> str:
+    """How messages name the row at 0-based ``index``: ``row 3 (1-based)``, with its 1-based
+    file ``line`` when that differs from the row number (``row 3 (1-based, line 5)``)."""
+    if line is None or line == index + 1:
+        return f"row {index + 1} (1-based)"
+    return f"row {index + 1} (1-based, line {line})"
+
+
+# Errors that mean "the file cannot be read": OSError (no permission, not a gzip file:
+# gzip.BadGzipFile), a corrupt or truncated gzip body (zlib.error, EOFError), text not in UTF-8.
+_UNREADABLE = (OSError, EOFError, zlib.error, UnicodeDecodeError)
+
+
+def _unreadable(source: str | Path, error: BaseException) -> DataError:
+    """The one-line error for a file whose bytes cannot be read or decoded."""
+    if isinstance(error, zlib.error | EOFError | gzip.BadGzipFile):
+        what = ": corrupt or truncated gzip data"
+    elif isinstance(error, UnicodeDecodeError):
+        what = ": not valid UTF-8"
+    else:
+        what = ""
+    reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    return DataError(f"{source}: cannot read the file{what} ({reason}); check or recreate it")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -103,8 +135,8 @@ def load_rows(source: str, split: str = "train") -> datasets.Dataset:
             raise DataError(f"{source}: no such file; check the --data path")
         try:
             dataset = _FILE_LOADERS[fmt](path)
-        except (OSError, EOFError) as e:  # e.g. a truncated or mislabelled .gz file
-            raise DataError(f"{source}: cannot read the file ({e})") from None
+        except _UNREADABLE as e:  # e.g. a corrupt, truncated or mislabelled .gz file
+            raise _unreadable(source, e) from None
     elif fmt == "dataset":
         dataset = _load_saved(path, split)
     elif path.is_file():
@@ -120,32 +152,35 @@ def load_rows(source: str, split: str = "train") -> datasets.Dataset:
 
 
 def _load_jsonl(path: Path) -> datasets.Dataset:
-    rows, lines = [], []
-    for line_no, obj in _iter_json_lines(path):
+    rows, where = [], []
+    for index, (line_no, obj) in enumerate(_iter_json_lines(path)):
         rows.append(obj)
-        lines.append(line_no)
-    return _rows_to_dataset(rows, path, [f"line {n}" for n in lines])
+        where.append(row_label(index, line_no))
+    return _rows_to_dataset(rows, path, where)
 
 
 def _iter_json_lines(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     """Yield ``(line number, object)`` for each non-blank line, validating as it goes."""
+    index = 0  # the row a bad line would have been
     for line_no, raw in _iter_raw_lines(path):
         if not raw.strip():
             continue
+        where = f"{path.name} {row_label(index, line_no)}"
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as e:
-            raise DataError(f"{path.name} line {line_no}: not valid UTF-8 ({e.reason})") from None
+            raise DataError(f"{where}: not valid UTF-8 ({e.reason})") from None
         try:
             obj = json.loads(text)
         except json.JSONDecodeError as e:
-            raise DataError(f"{path.name} line {line_no}: invalid JSON ({e.msg})") from None
+            raise DataError(f"{where}: invalid JSON ({e.msg})") from None
         if not isinstance(obj, dict):
             raise DataError(
-                f"{path.name} line {line_no}: expected a JSON object, got {_json_kind(obj)}; "
+                f"{where}: expected a JSON object, got {_json_kind(obj)}; "
                 "write one {...} object per line"
             )
         yield line_no, obj
+        index += 1
 
 
 def _iter_raw_lines(path: Path) -> Iterator[tuple[int, bytes]]:
@@ -195,10 +230,10 @@ def _load_json(path: Path) -> datasets.Dataset:
     for i, item in enumerate(items):
         if not isinstance(item, dict):
             raise DataError(
-                f"{path.name} item {i}: expected a JSON object, got {_json_kind(item)}; "
+                f"{path.name} {row_label(i)}: expected a JSON object, got {_json_kind(item)}; "
                 "the list must hold one {...} object per row"
             )
-    return _rows_to_dataset(items, path, [f"item {i}" for i in range(len(items))])
+    return _rows_to_dataset(items, path, [row_label(i) for i in range(len(items))])
 
 
 def _is_one_object(path: Path) -> bool:
@@ -246,12 +281,14 @@ def _read_csv(path: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
                     continue
                 if len(rec) != len(header):
                     raise DataError(
-                        f"{path.name} line {reader.line_num}: {len(rec)} fields, the header has "
-                        f"{len(header)}; quote fields that contain commas or newlines"
+                        f"{path.name} {row_label(len(records), reader.line_num)}: {len(rec)} "
+                        f"fields, the header has {len(header)}; quote fields that contain "
+                        "commas or newlines"
                     )
                 records.append((reader.line_num, rec))
         except csv.Error as e:
-            raise DataError(f"{path.name} line {reader.line_num}: invalid CSV ({e})") from None
+            where = row_label(len(records), reader.line_num)
+            raise DataError(f"{path.name} {where}: invalid CSV ({e})") from None
         except UnicodeDecodeError as e:
             raise DataError(f"{path.name}: not valid UTF-8 ({e.reason})") from None
     return header or [], records
@@ -295,7 +332,7 @@ _FILE_LOADERS = {
 def _rows_to_dataset(rows: list[dict[str, Any]], path: Path, where: list[str]) -> datasets.Dataset:
     """Build a Dataset from row dicts; a field missing from a row becomes None (null).
 
-    ``where`` names each row's place in the file (``"line 7"``) for error messages.
+    ``where`` names each row for error messages (:func:`row_label`).
     """
     names: dict[str, None] = {}  # an ordered set: columns in order of first appearance
     for row in rows:
@@ -305,11 +342,12 @@ def _rows_to_dataset(rows: list[dict[str, Any]], path: Path, where: list[str]) -
     columns = {name: [row.get(name) for row in rows] for name in names}
     try:
         return datasets.Dataset.from_dict(columns)
-    except (pa.ArrowException, TypeError, ValueError):
+    except (pa.ArrowException, TypeError, ValueError) as e:
         # Arrow needs one type per column; find the first row that breaks it and name it.
         for name, values in columns.items():
             _check_column_types(path, name, values, where)
-        raise
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise DataError(f"{path.name}: the rows do not form a table ({reason})") from None
 
 
 def _check_column_types(path: Path, name: str, values: list[Any], where: list[str]) -> None:
@@ -391,9 +429,19 @@ def write_coreset(
     The file is written atomically. Returns its path.
     """
     keep = _sorted_indices(indices, dataset.num_rows)
+    try:
+        out = _write_subset(source, dataset, keep, Path(out_dir))
+    except (EOFError, zlib.error, gzip.BadGzipFile, UnicodeDecodeError) as e:
+        # The input is read again here; it may have been damaged since it was loaded. Only
+        # decoding errors are caught: an OSError may as well come from writing the output.
+        raise _unreadable(source, e) from None
+    logger.info("wrote %d of %d rows to %s", len(keep), dataset.num_rows, out)
+    return out
+
+
+def _write_subset(source: str, dataset: datasets.Dataset, keep: list[int], out_dir: Path) -> Path:
     fmt = data_format(source)
     path = Path(source).expanduser()
-    out_dir = Path(out_dir)
     if fmt == "jsonl":
         out = out_dir / "coreset.jsonl"
         _write_lines(path, keep, dataset.num_rows, out)
@@ -416,7 +464,6 @@ def write_coreset(
     else:
         out = out_dir / "coreset.jsonl"
         _write_dataset_jsonl(dataset, keep, out)
-    logger.info("wrote %d of %d rows to %s", len(keep), dataset.num_rows, out)
     return out
 
 

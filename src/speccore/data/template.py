@@ -1,7 +1,8 @@
 """Turn data rows into (prompt, response) texts: a field, a ``{field}`` template or chat turns.
 
-Rows are named by their 0-based index in the data (``row 12``) in every error, the same index
-the coreset and the scores use.
+Errors name a row as the loader does, counted from 1 as in the file: the row at index ``i``
+(the index the coreset and the scores use) is ``row i+1 (1-based)``
+(:func:`~speccore.data.load.row_label`).
 """
 
 from __future__ import annotations
@@ -13,9 +14,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import datasets
-from tqdm.auto import tqdm
 
 from ..errors import ConfigError, DataError, ModelError
+from ..progress import progress
+from .load import row_label
 
 logger = logging.getLogger(__name__)
 
@@ -165,7 +167,20 @@ def _build(
     if need_output:
         assert fmt.output_field is not None
         responses = _text_column(dataset, fmt.output_field, "--output-field")
+        for i, response in enumerate(responses):
+            _check_response(i, response, f"field '{fmt.output_field}'")
     return prompts, responses
+
+
+def _check_response(row: int, response: str, where: str) -> None:
+    """An empty or whitespace-only response teaches nothing and is refused, like one that
+    tokenises to nothing (the whitespace would be the whole training target)."""
+    if not response.strip():
+        what = "empty" if not response else "only whitespace"
+        raise DataError(
+            f"{row_label(row)}: response is empty ({where} is {what}); give it some text "
+            "or drop the row"
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -174,10 +189,10 @@ def _build(
 
 
 def _column(dataset: datasets.Dataset, name: str, flag: str) -> list[Any]:
-    """All values of column ``name``; DataError (naming row 0) if no row has it."""
+    """All values of column ``name``; DataError (naming row 1, 1-based) if no row has it."""
     if name not in dataset.column_names:
         columns = ", ".join(dataset.column_names)
-        raise DataError(f"row 0: no field '{name}' (fields: {columns}); check {flag}")
+        raise DataError(f"{row_label(0)}: no field '{name}' (fields: {columns}); check {flag}")
     return list(dataset[name])
 
 
@@ -191,8 +206,8 @@ def _text_column(dataset: datasets.Dataset, name: str, flag: str) -> list[str]:
 
 def _bad_value(row: int, name: str, value: Any, expected: str) -> str:
     if value is None:
-        return f"row {row}: field '{name}' is missing (null); every row needs it"
-    return f"row {row}: field '{name}' is {type(value).__name__}, expected {expected}"
+        return f"{row_label(row)}: field '{name}' is missing (null); every row needs it"
+    return f"{row_label(row)}: field '{name}' is {type(value).__name__}, expected {expected}"
 
 
 def _fill_template(dataset: datasets.Dataset, template: str) -> list[str]:
@@ -233,7 +248,7 @@ def _render_chat(tokenizer: Any, turns: list[dict[str, str]], row: int) -> str:
     try:
         text = tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
     except Exception as e:  # a template may reject e.g. a system turn or non-alternating roles
-        raise DataError(f"row {row}: the chat template rejected the turns ({e})") from None
+        raise DataError(f"{row_label(row)}: the chat template rejected the turns ({e})") from None
     if not isinstance(text, str):
         raise ModelError(f"the chat template returned {type(text).__name__}, expected text")
     return text
@@ -262,10 +277,13 @@ def _turns(row: int, field: str, value: Any) -> list[dict[str, str]]:
     if not isinstance(value, list):
         got = "missing (null)" if value is None else type(value).__name__
         raise DataError(
-            f"row {row}: field '{field}' is {got}, expected a list of {{role, content}} turns"
+            f"{row_label(row)}: field '{field}' is {got}, expected a list of {{role, content}} "
+            "turns"
         )
     if not value:
-        raise DataError(f"row {row}: field '{field}' is an empty list; it needs at least one turn")
+        raise DataError(
+            f"{row_label(row)}: field '{field}' is an empty list; it needs at least one turn"
+        )
     turns = []
     for t, turn in enumerate(value):
         ok = isinstance(turn, dict) and all(
@@ -273,7 +291,8 @@ def _turns(row: int, field: str, value: Any) -> list[dict[str, str]]:
         )
         if not ok:
             raise DataError(
-                f"row {row}: turn {t} of '{field}' is not a {{role, content}} pair of strings"
+                f"{row_label(row)}: turn {t + 1} (1-based) of '{field}' is not a "
+                "{role, content} pair of strings"
             )
         turns.append({"role": turn["role"], "content": turn["content"]})
     return turns
@@ -288,14 +307,20 @@ def _split_turns(
         has_answer = any(t["role"] == "assistant" for t in turns)
         where = f"ends with a '{turns[-1]['role']}' turn" if has_answer else "has no assistant turn"
         raise DataError(
-            f"row {row}: '{field}' {where}; the last turn must be the assistant's response"
+            f"{row_label(row)}: '{field}' {where}; the last turn must be the assistant's response"
         )
     if not last_is_answer:  # eval data without a reference answer: every turn is prompt
         return turns, None
     if len(turns) < 2:
-        raise DataError(f"row {row}: '{field}' has only the assistant turn; it needs a prompt turn")
-    return turns[:-1], (turns[-1]["content"] if need_output else None)
+        raise DataError(
+            f"{row_label(row)}: '{field}' has only the assistant turn; it needs a prompt turn"
+        )
+    if not need_output:
+        return turns[:-1], None
+    response = turns[-1]["content"]
+    _check_response(row, response, f"the last turn of '{field}'")
+    return turns[:-1], response
 
 
 def _progress(items: Sequence[Any], desc: str) -> Any:
-    return tqdm(items, desc=desc, disable=len(items) < _PROGRESS_MIN_ROWS, leave=False)
+    return progress(items, desc=desc, disable=len(items) < _PROGRESS_MIN_ROWS, leave=False)

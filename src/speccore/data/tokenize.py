@@ -5,6 +5,10 @@ tokens (a BOS where the model expects one), the response without (Gemma's tokeni
 on every call, and a BOS inside the labels would teach the model to emit it mid-answer). An EOS
 is appended to the response and labelled, so the model learns to stop; neither packaged
 tokenizer appends one itself.
+
+:func:`encode_prompts` and :func:`truncate_prompt` are the one prompt encoder: training rows
+(:func:`tokenize_pairs`) and generation prompts (:func:`speccore.bench.generate.generate`) both
+go through them, so a fine-tuned model is prompted at evaluation exactly as it was trained.
 """
 
 from __future__ import annotations
@@ -14,9 +18,10 @@ from collections.abc import Sequence
 from typing import Any
 
 import datasets
-from tqdm.auto import tqdm
 
 from ..errors import ConfigError, DataError, ModelError
+from ..progress import progress
+from .load import row_label
 from .template import Formatting, format_rows
 from .tokenized import IGNORE_INDEX, TokenizedData
 
@@ -55,16 +60,16 @@ def tokenize_pairs(
     input_ids: list[list[int]] = []
     labels: list[list[int]] = []
     n = len(prompts)
-    for start in tqdm(range(0, n, _CHUNK), desc=desc, disable=n <= _CHUNK, leave=False):
+    chunks = range(0, n, _CHUNK)
+    for start in progress(chunks, desc=desc, unit="chunk", disable=n <= _CHUNK, leave=False):
         stop = min(start + _CHUNK, n)
-        p_batch = tokenizer(list(prompts[start:stop]), add_special_tokens=True)["input_ids"]
+        p_batch = encode_prompts(tokenizer, prompts[start:stop])
         r_batch = tokenizer(list(responses[start:stop]), add_special_tokens=False)["input_ids"]
-        for row, p_ids, r_ids in zip(range(start, stop), p_batch, r_batch, strict=True):
-            prompt = _single_bos(list(p_ids), bos)
+        for row, prompt, r_ids in zip(range(start, stop), p_batch, r_batch, strict=True):
             response = _bare_response(list(r_ids), bos, eos)
             if not response:
                 raise DataError(
-                    f"row {row}: response is empty after tokenisation; give it some text "
+                    f"{row_label(row)}: response is empty after tokenisation; give it some text "
                     "or drop the row"
                 )
             prompt, response, cut = _fit(prompt, [*response, eos], bos, max_length, truncation_side)
@@ -89,6 +94,54 @@ def tokenize_dataset(
     """:func:`format_rows` then :func:`tokenize_pairs`: rows to training tokens."""
     prompts, responses = format_rows(dataset, fmt, tokenizer)
     return tokenize_pairs(tokenizer, prompts, responses, max_length, truncation_side)
+
+
+def encode_prompts(
+    tokenizer: Any,
+    prompts: Sequence[str],
+    max_prompt_tokens: int | None = None,
+    truncation_side: str = "left",
+) -> list[list[int]]:
+    """Token ids of prompt texts, exactly as training rows start.
+
+    The tokenizer's special tokens are added (a BOS where the model expects one), repeated
+    leading BOS tokens are dropped (a chat template that writes its own BOS text plus the
+    tokenizer's BOS gives two), and, with ``max_prompt_tokens``, each prompt is cut to that many
+    tokens by :func:`truncate_prompt` (logged once, with a count).
+    """
+    if max_prompt_tokens is not None and max_prompt_tokens < 1:
+        raise ConfigError(f"max_prompt_tokens must be >= 1, got {max_prompt_tokens}")
+    if truncation_side not in TRUNCATION_SIDES:
+        raise ConfigError(f"--truncation-side must be 'left' or 'right', got '{truncation_side}'")
+    bos = tokenizer.bos_token_id
+    encoded = tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
+    out = [_single_bos(list(ids), bos) for ids in encoded]
+    if max_prompt_tokens is None:
+        return out
+    n_cut = sum(len(ids) > max_prompt_tokens for ids in out)
+    if n_cut:
+        logger.info(
+            "%d of %d prompts longer than %d tokens: truncated (%s)",
+            n_cut,
+            len(out),
+            max_prompt_tokens,
+            truncation_side,
+        )
+    return [truncate_prompt(ids, bos, max_prompt_tokens, truncation_side) for ids in out]
+
+
+def truncate_prompt(ids: list[int], bos: int | None, keep: int, side: str = "left") -> list[int]:
+    """``ids`` cut to at most ``keep`` tokens from ``side``, keeping a leading BOS.
+
+    ``side="left"`` drops the oldest tokens (the prompt's end, nearest the response, stays);
+    ``"right"`` drops the end. A leading BOS survives any cut that leaves room for it.
+    """
+    if len(ids) <= keep:
+        return ids
+    head = ids[:1] if bos is not None and keep >= 1 and ids[:1] == [bos] else []
+    body = ids[len(head) :]
+    room = keep - len(head)
+    return head + (body[len(body) - room :] if side == "left" else body[:room])
 
 
 def _check_args(
@@ -136,19 +189,15 @@ def _fit(
 ) -> tuple[list[int], list[int], str | None]:
     """Truncate to ``max_length``: ``(prompt, response, what was cut or None)``.
 
-    ``response`` already ends with EOS. The prompt goes first; the response is shortened only
-    when it alone does not fit, and then keeps its start and the EOS.
+    ``response`` already ends with EOS. The prompt goes first (:func:`truncate_prompt`); the
+    response is shortened only when it alone does not fit, and then keeps its start and the EOS.
     """
     if len(prompt) + len(response) <= max_length:
         return prompt, response, None
     head = prompt[:1] if bos is not None and prompt[:1] == [bos] else []
     room = max_length - len(response)
     if room >= len(head):
-        if side == "left":
-            body = prompt[len(head) :]
-            keep = room - len(head)
-            return head + body[len(body) - keep :], response, "prompt"
-        return prompt[:room], response, "prompt"
+        return truncate_prompt(prompt, bos, room, side), response, "prompt"
     n_tokens = max_length - len(head) - 1  # >= 1 as max_length >= _MIN_LENGTH
     return head, response[:n_tokens] + response[-1:], "response"
 

@@ -1,15 +1,24 @@
-"""The tokenised dataset every scorer and trainer consumes, and its batching."""
+"""The tokenised dataset every scorer and trainer consumes, and its batching.
+
+:class:`BatchLoop` is the one loop over batches of a :class:`TokenizedData` (scoring,
+embeddings, token losses, fine-tuning, generation): a plan of length-grouped batches
+(:func:`length_grouped_batches`), each collated and moved to the device, with a progress bar
+that estimates the time left.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any
 
 import numpy as np
 import torch
 
 from ..errors import ConfigError
 from ..io import fingerprint
+from ..progress import progress
 
 IGNORE_INDEX = -100
 
@@ -80,16 +89,20 @@ def length_grouped_batches(
     max_batch_tokens: int,
     max_batch_size: int | None = None,
     indices: Sequence[int] | np.ndarray | None = None,
+    longest_first: bool = False,
 ) -> list[np.ndarray]:
     """Group samples of similar length so a padded batch wastes little compute.
 
-    Samples are sorted by length (stable, so ties keep input order) and cut into batches whose
-    padded size ``len(batch) * max_len`` stays within ``max_batch_tokens`` (a single longer sample
-    still gets a batch of its own). Returns arrays of sample indices.
+    Samples are sorted by length (stable, so ties keep input order; ``longest_first`` sorts
+    from the longest, so that a batch too large for memory fails at once) and cut into batches
+    whose padded size ``len(batch) * max_len`` stays within ``max_batch_tokens`` and whose size
+    stays within ``max_batch_size`` (a single longer sample still gets a batch of its own).
+    Returns arrays of sample indices (of positions into ``lengths``).
     """
     lengths = np.asarray(lengths, dtype=np.int64)
     idx = np.arange(len(lengths)) if indices is None else np.asarray(indices, dtype=np.int64)
-    order = idx[np.argsort(lengths[idx], kind="stable")]
+    key = -lengths[idx] if longest_first else lengths[idx]
+    order = idx[np.argsort(key, kind="stable")]
     batches: list[np.ndarray] = []
     current: list[int] = []
     longest = 0
@@ -136,3 +149,88 @@ def collate(
         att[row, sl] = 1
         lab[row, sl] = torch.tensor(labels, dtype=torch.long)
     return {"input_ids": ids, "attention_mask": att, "labels": lab}
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One batch of a :class:`BatchLoop`.
+
+    ``number`` is its place in the plan, ``rows`` the plan's entry (positions into the loop's
+    ``indices``, or sample indices when it has none), ``samples`` the sample indices into the
+    data, ``tensors`` the collated batch (``input_ids``, ``attention_mask``, ``labels``) on the
+    loop's device.
+    """
+
+    number: int
+    rows: np.ndarray
+    samples: np.ndarray
+    tensors: dict[str, torch.Tensor]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+
+class BatchLoop:
+    """Iterate over the batches of ``plan``: collated, on ``device``, with a progress bar.
+
+    ``plan`` lists batches of positions into ``indices`` (of sample indices when ``indices`` is
+    None), e.g. from :func:`length_grouped_batches`. Batches whose number is in ``skip`` (done
+    before a resume) are neither collated nor counted again: the bar starts at their size. The
+    bar (unit ``unit``, one per row) advances once the caller is done with a batch, so its
+    estimate of the time left reflects finished work; :func:`speccore.progress.set_quiet` hides
+    it. Use it as a context manager, so that the bar is closed even when the loop body raises::
+
+        with BatchLoop(data, plan, device=device, desc="loss") as loop:
+            for batch in loop:
+                ...
+    """
+
+    def __init__(
+        self,
+        data: TokenizedData,
+        plan: Sequence[np.ndarray],
+        *,
+        indices: np.ndarray | None = None,
+        device: torch.device | str | None = None,
+        padding_side: str = "right",
+        skip: Collection[int] = (),
+        desc: str = "batches",
+        unit: str = "sample",
+        leave: bool = True,
+    ) -> None:
+        self.data, self.plan, self.indices = data, plan, indices
+        self.device = torch.device("cpu") if device is None else torch.device(device)
+        self.padding_side = padding_side
+        self.skip = skip
+        total = sum(len(rows) for rows in plan)
+        done = sum(len(plan[b]) for b in skip if 0 <= b < len(plan))
+        self.bar = progress(total=total, initial=done, desc=desc, unit=unit, leave=leave)
+
+    def __iter__(self) -> Iterator[Batch]:
+        try:
+            for number, rows in enumerate(self.plan):
+                if number in self.skip:
+                    continue
+                rows = np.asarray(rows, dtype=np.int64)
+                samples = rows if self.indices is None else self.indices[rows]
+                batch = collate(self.data, samples, self.padding_side)
+                tensors = {k: v.to(self.device) for k, v in batch.items()}
+                yield Batch(number, rows, samples, tensors)
+                self.bar.update(len(rows))
+        finally:
+            self.bar.close()
+
+    def set_postfix(self, **values: Any) -> None:
+        """Show ``values`` (e.g. the last loss) after the bar."""
+        self.bar.set_postfix(**values)
+
+    def __enter__(self) -> BatchLoop:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.bar.close()

@@ -7,6 +7,8 @@ SmolLM2-135M) instead of dequantising again (10-40 s).
 
 from __future__ import annotations
 
+import contextlib
+import difflib
 import importlib.metadata
 import importlib.util
 import logging
@@ -15,6 +17,7 @@ import shutil
 import tempfile
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -97,7 +100,13 @@ class LoadedModel:
 
 
 def resolve_model(name: str) -> ModelSource:
-    """Turn an alias, a ``.gguf`` path, a model folder or a hub name into a :class:`ModelSource`."""
+    """Turn an alias, a ``.gguf`` path, a model folder or a hub name into a :class:`ModelSource`.
+
+    Needs no network: a name that is no alias, no existing path and no plausible hub id (or a
+    bare name close to an alias, like ``smollm2-136m``) is a :class:`ModelError` suggesting the
+    closest alias. Whether a hub name exists and the hub can be reached is
+    :func:`check_model_name`'s question.
+    """
     if not name:
         raise ConfigError("model name is empty: pass an alias, a .gguf file, a folder or hub name")
     if name.lower() in ALIASES:
@@ -116,7 +125,24 @@ def resolve_model(name: str) -> ModelSource:
             f"model path {name!r} does not exist; pass an existing folder or .gguf file, "
             f"or one of the aliases: {', '.join(ALIASES)}"
         )
+    _check_hub_id(name)
     return ModelSource(name, name, None, f"hub:{name}")
+
+
+def check_model_name(name: str) -> ModelSource:
+    """Check a model name before any work, without loading the model; its :class:`ModelSource`.
+
+    Everything :func:`resolve_model` checks (aliases and their packages, local paths, the form
+    of a hub id, with a suggestion for a misspelt alias), and for a hub name: a model already
+    in the local Hugging Face cache passes; with ``HF_HUB_OFFLINE`` set any other fails at once;
+    else one request without retries asks the hub whether the model exists, so an unreachable
+    hub (connection refused, name resolution failing, no answer in 10 s) or an unknown name is
+    one :class:`ModelError` line instead of a minute of retries after the other stages ran.
+    """
+    source = resolve_model(name)
+    if source.identity.startswith("hub:"):
+        _check_hub_model(source.name)
+    return source
 
 
 def ensure_gguf(source: ModelSource) -> Path:
@@ -143,31 +169,53 @@ def ensure_gguf(source: ModelSource) -> Path:
     return path
 
 
-def load_model(name: str, *, dtype: str = "auto", device: str = "auto") -> LoadedModel:
+def load_model(
+    name: str,
+    *,
+    dtype: str = "auto",
+    device: str = "auto",
+    device_map: str | None = None,
+    load_in: str | None = None,
+) -> LoadedModel:
     """Load a causal LM and its tokenizer; see :func:`resolve_model` for the accepted names.
 
     ``dtype``: auto (float32 on CPU, bfloat16 on CUDA where supported), float32, bfloat16 or
     float16. ``device``: auto (cuda if available), cpu, cuda or cuda:N. The model is returned in
     eval mode; ``model.speccore_source`` holds its :class:`ModelSource` too.
+
+    ``device_map="auto"``: spread a model that does not fit one device over every GPU (then the
+    CPU) with accelerate, for a target that only verifies (it runs K·b_v samples); layers run
+    one device after the other, so it is slow per sample. ``load_in`` ("8bit" or "4bit"):
+    quantise the base weights with bitsandbytes as QLoRA does (4bit: NF4 with double
+    quantisation; computations in ``dtype`` when it is a half type, else bfloat16); LoRA adapters
+    stay in full precision. Needs a CUDA GPU and ``pip install 'speccore[quant]'``.
     """
     source = resolve_model(name)
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
+    placement = placement_kwargs(dev, device, device_map, load_in, torch_dtype)
     if source.gguf_file is not None:
         folder: str = str(converted_folder(source))
     else:
         folder = source.path
     start = time.perf_counter()
     try:
-        model, tokenizer = _load_folder(folder, torch_dtype)
+        model, tokenizer = _load_folder(folder, torch_dtype, **placement)
     except (OSError, ValueError, KeyError) as e:
         raise _load_error(source, e) from e
-    model.to(dev)
+    if not placement:  # a device map (or a quantised model) is placed by from_pretrained
+        model.to(dev)
     model.eval()
     _ensure_pad_token(tokenizer, source.name)
     model.speccore_source = source
+    where = f"device_map {device_map}" if device_map else str(dev)
     logger.info(
-        "loaded %s (%s, %s) in %.2f s", source.name, torch_dtype, dev, time.perf_counter() - start
+        "loaded %s (%s, %s%s) in %.2f s",
+        source.name,
+        torch_dtype,
+        where,
+        f", {load_in}" if load_in else "",
+        time.perf_counter() - start,
     )
     return LoadedModel(model=model, tokenizer=tokenizer, source=source)
 
@@ -216,6 +264,114 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if dtype not in _DTYPES:
         raise ConfigError(f"--dtype must be auto, float32, bfloat16 or float16, got {dtype!r}")
     return _DTYPES[dtype]
+
+
+LOAD_IN = ("8bit", "4bit")
+_QUANT_HINT = "--load-in {} needs bitsandbytes and a CUDA GPU: pip install 'speccore[quant]'"
+
+
+def placement_kwargs(
+    dev: torch.device,
+    device: str,
+    device_map: str | None,
+    load_in: str | None,
+    torch_dtype: torch.dtype,
+) -> dict[str, Any]:
+    """``from_pretrained`` arguments for a device map and/or quantised weights ({} for neither).
+
+    Checks the options first: one-line :class:`ConfigError` for a bad value, :class:`ModelError`
+    when a package or the GPU they need is missing.
+    """
+    out: dict[str, Any] = {}
+    if device_map is not None:
+        if device_map != "auto":
+            raise ConfigError(f"--device-map must be auto (or left out), got {device_map!r}")
+        if device not in ("auto", "cuda"):
+            raise ConfigError(
+                f"--device-map auto spreads the model over every GPU; it cannot be combined with "
+                f"--device {device}: leave --device at auto"
+            )
+        if importlib.util.find_spec("accelerate") is None:
+            raise ModelError("--device-map auto needs accelerate: pip install accelerate")
+        out["device_map"] = "auto"
+    if load_in is not None:
+        if load_in not in LOAD_IN:
+            raise ConfigError(f"--load-in must be 8bit or 4bit (or left out), got {load_in!r}")
+        cuda = dev.type == "cuda" and torch.cuda.is_available()
+        if not cuda or importlib.util.find_spec("bitsandbytes") is None:
+            raise ModelError(_QUANT_HINT.format(load_in))
+        out["quantization_config"] = bnb_config(load_in, torch_dtype)
+        # A quantised model cannot be moved after loading: place it while loading.
+        index = dev.index if dev.index is not None else torch.cuda.current_device()
+        out.setdefault("device_map", {"": index})
+    return out
+
+
+def bnb_config(load_in: str, dtype: torch.dtype) -> Any:
+    """The bitsandbytes config QLoRA uses: 4bit → NF4 with double quantisation, 8bit → LLM.int8.
+
+    4-bit layers compute in ``dtype`` when it is bfloat16 or float16, else in bfloat16.
+    """
+    from transformers import BitsAndBytesConfig
+
+    if load_in == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    compute = dtype if dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute,
+    )
+
+
+class GpuMemoryByStage:
+    """Peak CUDA memory allocated in each named stage, for ``--dry-run`` and the benchmarks.
+
+    ``with mem.stage("small scoring"): ...`` resets the peak counter when the stage starts and
+    reads it when it ends; :meth:`peaks` gives ``{stage: bytes}``, the largest peak of any one GPU
+    (what has to fit on one device); a stage entered twice keeps its larger peak. Stages may
+    nest: the outer stage's peak includes the inner one's. Without CUDA (or before CUDA is
+    initialised) nothing is measured and :meth:`peaks` is ``{}``.
+    """
+
+    def __init__(self) -> None:
+        self._peaks: dict[str, int] = {}
+        self._running: list[int] = []  # peak so far of every open stage, outermost first
+
+    @contextlib.contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        active = _cuda_ready()
+        if active:
+            if self._running:  # the parent's peak up to now, before the counter is reset
+                self._running[-1] = max(self._running[-1], _max_allocated())
+            _reset_peaks()
+        self._running.append(0)
+        try:
+            yield
+        finally:
+            running = self._running.pop()
+            if active or _cuda_ready():
+                peak = max(running, _max_allocated())
+                self._peaks[name] = max(self._peaks.get(name, 0), peak)
+                if self._running:
+                    self._running[-1] = max(self._running[-1], peak)
+
+    def peaks(self) -> dict[str, int]:
+        return dict(self._peaks)
+
+
+def _cuda_ready() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_initialized()
+
+
+def _max_allocated() -> int:
+    return max(int(torch.cuda.max_memory_allocated(i)) for i in range(torch.cuda.device_count()))
+
+
+def _reset_peaks() -> None:
+    for i in range(torch.cuda.device_count()):
+        torch.cuda.reset_peak_memory_stats(i)
 
 
 def check_family(
@@ -288,6 +444,86 @@ def _file_identity(files: list[Path]) -> str:
     return "local:" + fingerprint(parts)
 
 
+def _closest_alias(name: str, cutoff: float) -> str | None:
+    """The alias most like ``name`` (difflib ratio ≥ ``cutoff``, or one a prefix of the other)."""
+    lowered = name.lower()
+    close = difflib.get_close_matches(lowered, list(ALIASES), n=1, cutoff=cutoff)
+    if close:
+        return close[0]
+    prefixed = [a for a in ALIASES if a.startswith(lowered) or lowered.startswith(a)]
+    return prefixed[0] if len(lowered) >= 4 and prefixed else None
+
+
+def _check_hub_id(name: str) -> None:
+    """Refuse a name that cannot be a hub model, or that is a bare name close to an alias.
+
+    A hub id is ``org/name`` (or a legacy bare ``name``, like ``gpt2``) in the characters the
+    hub allows; a bare name one typo away from an alias is much more likely the alias.
+    """
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    not_a_name = f"model {name!r} is no alias, no existing path and no hub model id (org/name)"
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        alias = _closest_alias(name, cutoff=0.6)
+        hint = f"did you mean {alias}?" if alias else f"aliases: {', '.join(ALIASES)}"
+        raise ModelError(f"{not_a_name}; {hint}") from None
+    if "/" not in name:
+        alias = _closest_alias(name, cutoff=0.75)
+        if alias is not None:
+            raise ModelError(f"{not_a_name}; did you mean {alias}?")
+
+
+# One request to the hub, no retries: how long to wait for an answer before calling it offline.
+_HUB_TIMEOUT_S = 10.0
+
+
+def _hub_offline() -> bool:
+    """``HF_HUB_OFFLINE`` (or ``TRANSFORMERS_OFFLINE``), as set now or when the hub was imported."""
+    from huggingface_hub import constants
+
+    flags = (os.environ.get("HF_HUB_OFFLINE"), os.environ.get("TRANSFORMERS_OFFLINE"))
+    from_env = any(f is not None and f.strip().upper() in {"1", "ON", "YES", "TRUE"} for f in flags)
+    return bool(constants.HF_HUB_OFFLINE) or from_env
+
+
+def _check_hub_model(repo_id: str) -> None:
+    """A cached hub model passes; offline, an uncached one fails; online, one request asks."""
+    from huggingface_hub import HfApi, constants, try_to_load_from_cache
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
+
+    if isinstance(try_to_load_from_cache(repo_id, "config.json"), str):
+        return  # loads from the local cache without a network
+    others = f"pass a local folder, a .gguf file or an alias ({', '.join(ALIASES)})"
+    if _hub_offline():
+        raise ModelError(
+            f"model {repo_id!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE is "
+            f"set: unset it to download the model, or {others}"
+        )
+    try:
+        HfApi(endpoint=constants.ENDPOINT).model_info(repo_id, timeout=_HUB_TIMEOUT_S)
+    except GatedRepoError:
+        return  # it exists; loading uses the user's token and says if access is missing
+    except RepositoryNotFoundError:
+        raise ModelError(
+            f"model {repo_id!r}: no such model on the hub (or it is private: log in with "
+            f"`hf auth login`); check the name, or {others}"
+        ) from None
+    except HfHubHTTPError as e:  # the hub answered, with some other error: loading will tell
+        logger.warning("could not check model %r on the hub: %s", repo_id, _first_line(e))
+    except Exception as e:  # no answer at all: connection refused, no DNS, a timeout
+        raise ModelError(
+            f"model {repo_id!r}: cannot reach the Hugging Face hub at {constants.ENDPOINT} "
+            f"({_first_line(e)}); this machine looks offline: {others}, or set HF_HUB_OFFLINE=1 "
+            "to use models already in the local cache"
+        ) from None
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
 def _looks_like_path(name: str) -> bool:
     """Hub names are ``org/model``; anything path-shaped that does not exist is a typo."""
     return (
@@ -301,11 +537,12 @@ def _looks_like_path(name: str) -> bool:
 # --- loading helpers -------------------------------------------------------------------------
 
 
-def _load_folder(folder: str, torch_dtype: torch.dtype) -> tuple[Any, Any]:
+def _load_folder(folder: str, torch_dtype: torch.dtype, **placement: Any) -> tuple[Any, Any]:
+    """Tokenizer and model of a folder; ``placement`` from :func:`placement_kwargs`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype, **placement)
     return model, tokenizer
 
 
@@ -377,3 +614,6 @@ def _publish(tmp: Path, target: Path) -> None:
         if not (target / "config.json").is_file():
             raise
         logger.info("another process converted %s first; using its copy", target)
+
+
+publish_folder = _publish  # public: speccore.derive publishes its derived folders the same way

@@ -148,6 +148,59 @@ def load_adapter(model: nn.Module, path: str | os.PathLike[str]) -> Any:
     return peft_model
 
 
+def enable_gradient_checkpointing(peft_model: Any) -> Any:
+    """Recompute each transformer block's activations in the backward instead of keeping them.
+
+    For fine-tunes and effort scoring of models whose activations do not fit: memory per block
+    drops to its input, for about one more forward per backward. Uses the non-reentrant variant
+    (``use_reentrant=False``): it needs no input that requires a gradient (so no
+    ``enable_input_require_grads`` hook on the embeddings, which only the reentrant variant needs),
+    restores the RNG state for the recompute (dropout draws the same masks) and keeps the original
+    forward's autograd graph, which the effort hooks rely on. Returns ``peft_model``.
+    """
+    base = _hf_model(peft_model)
+    if not getattr(base, "supports_gradient_checkpointing", False):
+        raise ModelError(
+            f"{type(base).__name__} does not support gradient checkpointing; "
+            "run without --gradient-checkpointing"
+        )
+    kwargs = {"use_reentrant": False}
+    with warnings.catch_warnings():
+        # transformers 5 renamed the method and deprecated the old name.
+        warnings.filterwarnings("ignore", "`gradient_checkpointing_enable`", FutureWarning)
+        enable = getattr(base, "activation_checkpointing_enable", None)
+        if enable is not None:
+            enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    logger.debug("gradient checkpointing on for %s", type(base).__name__)
+    return peft_model
+
+
+def disable_gradient_checkpointing(peft_model: Any) -> Any:
+    """Undo :func:`enable_gradient_checkpointing`; returns ``peft_model``."""
+    base = _hf_model(peft_model)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "`gradient_checkpointing_disable`", FutureWarning)
+        disable = getattr(base, "activation_checkpointing_disable", None)
+        if disable is not None:
+            disable()
+        else:
+            base.gradient_checkpointing_disable()
+    return peft_model
+
+
+def gradient_checkpointing_on(model: Any) -> bool:
+    """Whether any block of ``model`` is set to checkpoint its activations."""
+    return any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
+
+
+def _hf_model(model: Any) -> Any:
+    """The Hugging Face model inside a peft wrapper (or ``model`` itself)."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
 def adapter_fingerprint(peft_model: Any) -> str:
     """A digest of the adapter's weights (names sorted): equal adapters, equal fingerprints."""
     from peft import get_peft_model_state_dict

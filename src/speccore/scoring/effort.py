@@ -10,12 +10,20 @@ the whole batch. A LoRA layer computes ``y = W x + s * B (A x)`` (``s = lora_alp
 
 The scaling needs no special care: ``g`` is taken at ``u``, i.e. *before* the multiplication by
 ``s``, so it already carries the factor ``s`` once, exactly as the parameter gradient does. The
-loss of the backward is the *sum* of the per-sample mean losses, so each sample's rows of ``g``
-belong to that sample's loss alone (samples do not interact in a forward pass).
+loss of the backward is the sum over samples of each sample's *summed* token losses
+``n_d L_d`` (``n_d`` its response tokens), so each sample's rows of ``g`` belong to that sample's
+loss alone (samples do not interact in a forward pass); the norm is divided by ``n_d`` at the end.
+Summed rather than averaged so that the gradients are ``n_d`` times those of the mean loss: in
+float16 the logit gradients ``(p - e_y) / n_d`` of a long response would otherwise fall into the
+subnormal range and lose their digits; the division afterwards is exact.
 
-Tensor hooks compute the per-sample gradients layer by layer while the backward runs, so no
-``[B, T, d_out]`` gradient outlives its layer and no ``.grad`` is written: the backward is asked
-only for the (small) gradients at ``h``, which it must pass ``u`` to reach.
+Forward hooks wrap every ``h`` and ``u`` in an identity autograd function (a *tap*) whose backward
+computes the layer's per-sample gradient while the backward runs, so no ``[B, T, d_out]``
+gradient outlives its layer and no ``.grad`` is written: the backward is asked only for the
+(small) gradients at ``h``, which it must pass ``u`` to reach. A tap keeps the activation it
+needs (``x`` or ``h``) as a saved tensor, so gradient checkpointing drops and recomputes it like
+any other; a recomputed forward runs the hooks again but its taps never see a backward.
+Per-sample pieces are formed in float32 whatever the model's dtype.
 :func:`effort_reference` is the slow, obviously correct per-sample loop the batched version is
 tested against.
 """
@@ -32,7 +40,7 @@ from torch.utils.hooks import RemovableHandle
 
 from ..data.tokenized import IGNORE_INDEX
 from ..errors import ModelError
-from .losses import eval_mode, forward, kept_positions, response_logits, token_losses
+from .losses import eval_mode, forward, kept_positions, response_loss, token_losses
 
 _NO_LORA = (
     "effort needs a model with active LoRA adapters: wrap it with peft.get_peft_model "
@@ -46,6 +54,11 @@ def effort_batch(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
     One forward and one backward for the whole batch; the model runs in eval mode (its modes are
     restored afterwards) and no ``.grad`` is left on any parameter. A sample with no response
     token gets ``nan``. Float64 on the CPU.
+
+    Any model dtype: the per-sample gradient pieces are formed and summed in float32 and the loss
+    is float32. With gradient checkpointing on
+    (:func:`~speccore.models.lora.enable_gradient_checkpointing`) the checkpointed blocks
+    recompute their activations in the backward, for the same scores.
     """
     pairs = _lora_pairs(model)
     if not pairs:
@@ -57,23 +70,25 @@ def effort_batch(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
     handles: list[RemovableHandle] = []
     try:
         with torch.inference_mode(False), torch.enable_grad(), eval_mode(model):
+            _checkpointed_blocks_on(model)
             for pair in pairs:
                 handles += tracker.attach(pair)
-            logits, window_labels = response_logits(model, batch, keep)
-            loss = _summed_mean_loss(logits, window_labels, counts)
-            del logits
-            hs = tracker.grad_inputs()
-            if hs and loss.requires_grad:
-                # Asking for dL/dh drives the backward through every lora_B output u, whose
-                # hooks do the work; the returned [B, T, r] tensors are small and dropped.
-                torch.autograd.grad(loss, hs, allow_unused=True)
+            # Every counted token's loss, summed: n_d L_d per sample (see the module notes).
+            loss = response_loss(model, batch, keep).total
+            tracker.recording = False  # forward hooks from here on are recomputes
+            if tracker.inputs and loss.requires_grad:
+                # Asking for dL/dh drives the backward through every tap; the returned [B, T, r]
+                # tensors are small and dropped.
+                torch.autograd.grad(loss, tracker.inputs, allow_unused=True)
         sq = tracker.finish()
     finally:
         for handle in handles:
             handle.remove()
         tracker.clear()
-    effort = sq.sqrt().cpu()
-    return torch.where(counts.cpu() > 0, effort, torch.full_like(effort, float("nan")))
+    # The backward ran on each sample's *sum* of token losses, n_d times its mean: divide here.
+    n = counts.cpu().double()
+    effort = sq.sqrt() / n.clamp(min=1)
+    return torch.where(n > 0, effort, torch.full_like(effort, float("nan")))
 
 
 def effort_reference(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
@@ -114,16 +129,23 @@ def _one_sample_effort(
     ce, mask = token_losses(forward(model, row).logits, row["labels"])
     if not mask.any():
         return float("nan")
-    loss = ce[mask].mean()
-    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    # grad(mean) = grad(sum) / n: the division is done in float64 after the norm, so that the
+    # float32 loss does not round 1/n into the result.
+    grads = torch.autograd.grad(ce[mask].sum(), params, allow_unused=True)
     total = sum(float(g.double().pow(2).sum()) for g in grads if g is not None)
-    return total**0.5
+    return total**0.5 / int(mask.sum())
 
 
-def _summed_mean_loss(logits: Tensor, labels: Tensor, counts: Tensor) -> Tensor:
-    """``sum_d L_d`` with ``L_d`` the mean over sample d's tokens (0 for a sample with none)."""
-    ce, _ = token_losses(logits, labels)  # 0 where not counted
-    return (ce.sum(-1) / counts.clamp(min=1).to(ce.dtype)).sum()
+def _checkpointed_blocks_on(model: nn.Module) -> None:
+    """Switch on the blocks that gradient checkpointing wraps, inside :func:`eval_mode`.
+
+    Hugging Face models checkpoint a block only while that block is in training mode. Only the
+    block's own flag is set, not its children's: dropout (attention, LoRA) reads the flag of its
+    own module, so it stays off. :func:`eval_mode` restores every flag afterwards.
+    """
+    for module in model.modules():
+        if getattr(module, "gradient_checkpointing", False) is True:
+            module.training = True
 
 
 @dataclass
@@ -176,48 +198,105 @@ def _pair_of(name: str, module: Any, adapter: str) -> _LoraPair | None:
     return _LoraPair(name, lora_a, lora_b)
 
 
-@dataclass
-class _Call:
-    """What the forward hooks saw in one call of one LoRA pair."""
+class _TapA(torch.autograd.Function):
+    """Identity on ``h = lora_A(x)``; its backward turns ``dL/dh`` into per-sample ``dL/dA``.
 
-    key: int
-    x: Tensor | None = None  # input of lora_A, [B, T, d_in]
-    h: Tensor | None = None  # output of lora_A, [B, T, r]
+    ``x`` is kept by ``save_for_backward``, not in a Python attribute: under gradient
+    checkpointing a saved tensor is dropped after the forward and recomputed for the backward like
+    every other activation of the block, so checkpointing saves this memory too. The backward runs
+    once per call of the *original* forward: a recomputed forward builds a graph that no backward
+    ever walks, so nothing is counted twice.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, h: Tensor, x: Tensor, tracker: _Tracker, key: int) -> Tensor:
+        ctx.save_for_backward(x)
+        ctx.tracker, ctx.key = tracker, key
+        return h.view_as(h)
+
+    @staticmethod
+    def backward(ctx: Any, g_h: Tensor) -> tuple[Tensor | None, ...]:
+        (x,) = ctx.saved_tensors
+        ctx.tracker.grad_a(ctx.key, g_h, x)
+        return g_h, None, None, None
+
+
+class _TapB(torch.autograd.Function):
+    """Identity on ``u = lora_B(h)``; its backward turns ``g = dL/du`` into per-sample ``dL/dB``."""
+
+    @staticmethod
+    def forward(ctx: Any, u: Tensor, h: Tensor, tracker: _Tracker, key: int, bias: bool) -> Tensor:
+        ctx.save_for_backward(h)
+        ctx.tracker, ctx.key, ctx.bias = tracker, key, bias
+        return u.view_as(u)
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:
+        (h,) = ctx.saved_tensors
+        ctx.tracker.grad_b(ctx.key, h, g, ctx.bias)
+        return g, None, None, None, None
+
+
+_REENTRANT = (
+    "a LoRA layer ran without autograd inside the forward: reentrant gradient checkpointing is "
+    "not supported by effort; enable it with speccore.models.lora.enable_gradient_checkpointing "
+    "(use_reentrant=False)"
+)
 
 
 @dataclass
 class _Tracker:
-    """Captures LoRA activations in the forward and turns gradients into per-sample norms."""
+    """Taps the LoRA layers in the forward and turns their gradients into per-sample norms.
+
+    ``recording`` is True during the forward of the batch and False once the backward starts: a
+    forward hook that fires after that is a gradient-checkpointing recompute, which must not
+    count a call or ask for another gradient.
+    """
 
     valid: Tensor  # [B, T] bool: real (non-padding) positions
     shape: tuple[int, ...]  # (B, T)
     # Trailing positions whose logits are computed: a LoRA layer on the lm_head sees only these.
     keep: int | None = None
-    calls: list[_Call] = field(default_factory=list)
+    recording: bool = True
     n_calls: dict[int, int] = field(default_factory=dict)
-    sq: Tensor | None = None  # running sum of squared norms, [B] float64
+    inputs: list[Tensor] = field(default_factory=list)  # lora_A outputs the backward must reach
+    sq: dict[torch.device, Tensor] = field(default_factory=dict)  # squared norms per device
     shared: dict[tuple[int, str], Tensor] = field(default_factory=dict)
     masks: dict[tuple[torch.device, torch.dtype, int], Tensor] = field(default_factory=dict)
 
     def attach(self, pair: _LoraPair) -> list[RemovableHandle]:
         key = len(self.n_calls)
         self.n_calls[key] = 0
+        bias = pair.lora_b.bias is not None
 
         def a_hook(_module: nn.Module, args: tuple[Tensor, ...], out: Tensor) -> Tensor:
             return self._on_a(key, args[0], out)
 
-        def b_hook(_module: nn.Module, _args: tuple[Tensor, ...], out: Tensor) -> None:
-            self._on_b(key, pair.lora_b, out)
+        def b_hook(_module: nn.Module, args: tuple[Tensor, ...], out: Tensor) -> Tensor:
+            # lora_B's input is lora_A's (tapped) output h: peft computes lora_B(lora_A(x)).
+            return _TapB.apply(out, args[0].detach(), self, key, bias)
 
         return [
             pair.lora_a.register_forward_hook(a_hook),
             pair.lora_b.register_forward_hook(b_hook),
         ]
 
-    def grad_inputs(self) -> list[Tensor]:
-        return [c.h for c in self.calls if c.h is not None and c.h.requires_grad]
-
     def _on_a(self, key: int, x: Tensor, h: Tensor) -> Tensor:
+        if self.recording:
+            self._check_input(x)
+            if not torch.is_grad_enabled():
+                raise ModelError(_REENTRANT)
+            self.n_calls[key] += 1
+        if not h.requires_grad:
+            # Frozen adapter at the start of the network: nothing upstream needs a gradient, so a
+            # fresh leaf is enough for the backward to reach this layer (done in a recompute too,
+            # so that it saves the same tensors as the forward did).
+            h = h.detach().requires_grad_(True)
+        if self.recording:
+            self.inputs.append(h)
+        return _TapA.apply(h, x.detach(), self, key)
+
+    def _check_input(self, x: Tensor) -> None:
         batch, length = self.shape
         # [B, keep] is a layer after the logits_to_keep slice (LoRA on the lm_head): its
         # positions are the last `keep` ones, which _mask aligns by taking the trailing columns.
@@ -227,39 +306,21 @@ class _Tracker:
                 f"a LoRA layer saw input of shape {tuple(x.shape)}, not [batch, tokens, features] "
                 f"{self.shape}; effort cannot split its gradient per sample"
             )
-        if not h.requires_grad:
-            # Frozen adapter at the start of the network: nothing upstream needs a gradient, so a
-            # fresh leaf is enough for the backward to reach this layer.
-            h = h.detach().requires_grad_(True)
-        self.n_calls[key] += 1
-        call = _Call(key=key, x=x, h=h)
-        self.calls.append(call)
-        h.register_hook(lambda g_h: self._grad_a(call, g_h))
-        return h
 
-    def _on_b(self, key: int, lora_b: nn.Linear, u: Tensor) -> None:
-        call = self.calls[-1] if self.calls else None
-        if call is None or call.key != key:
-            raise ModelError("a lora_B ran without its lora_A just before; effort cannot pair them")
-        u.register_hook(lambda g: self._grad_b(call, lora_b, g))
-
-    def _grad_b(self, call: _Call, lora_b: nn.Linear, g: Tensor) -> None:
+    def grad_b(self, key: int, h: Tensor, g: Tensor, bias: bool) -> None:
         """dL/dB per sample from g = dL/du (and dL/db if lora_B has a bias).
 
         Formed as ``h^T g`` ([B, r, d_out], the transpose of dL/dB: same norm), the cheaper
-        order for a batched matmul.
+        order for a batched matmul; in float32 at least, whatever the model's dtype.
         """
-        assert call.h is not None
         g = _compute_dtype(g)
-        self._add(call.key, "B", self._masked(call.h).transpose(1, 2) @ g)
-        if lora_b.bias is not None:
-            self._add(call.key, "b", self._mask(g)[:, None, :] @ g)
+        self._add(key, "B", self._masked(h).transpose(1, 2) @ g)
+        if bias:
+            self._add(key, "b", self._mask(g)[:, None, :] @ g)
 
-    def _grad_a(self, call: _Call, g_h: Tensor) -> None:
+    def grad_a(self, key: int, g_h: Tensor, x: Tensor) -> None:
         """dL/dA per sample, ``(dL/dh)^T x`` ([B, r, d_in]); autograd gives dL/dh = B^T g."""
-        assert call.x is not None
-        self._add(call.key, "A", self._masked(g_h).transpose(1, 2) @ _compute_dtype(call.x))
-        call.x = call.h = None  # free the activations as soon as the layer is done
+        self._add(key, "A", self._masked(g_h).transpose(1, 2) @ _compute_dtype(x))
 
     def _add(self, key: int, part: str, grad: Tensor) -> None:
         """Add a per-sample gradient ``[B, ...]``; a layer called twice sums before the norm."""
@@ -270,18 +331,23 @@ class _Tracker:
         self._add_sq(grad)
 
     def _add_sq(self, grad: Tensor) -> None:
+        # Summed where the layer lives (several devices under device_map="auto"): no transfer
+        # and no host sync per layer; finish() brings the few [B] sums together.
         sq = grad.square().sum((1, 2)).double()
-        self.sq = sq if self.sq is None else self.sq + sq
+        held = self.sq.get(sq.device)
+        self.sq[sq.device] = sq if held is None else held + sq
 
     def finish(self) -> Tensor:
+        """Squared per-sample norms ``[B]``, float64 on the CPU."""
         for grad in self.shared.values():
             self._add_sq(grad)
-        if self.sq is None:  # no LoRA layer took part in the loss: its gradient is 0
-            return torch.zeros(self.shape[0], dtype=torch.float64)
-        return self.sq
+        total = torch.zeros(self.shape[0], dtype=torch.float64)
+        for sq in self.sq.values():  # none: no LoRA layer took part in the loss, gradient 0
+            total += sq.cpu()
+        return total
 
     def clear(self) -> None:
-        self.calls.clear()
+        self.inputs.clear()
         self.shared.clear()
         self.masks.clear()
 
@@ -309,5 +375,6 @@ class _Tracker:
 
 
 def _compute_dtype(t: Tensor) -> Tensor:
-    """Half-precision activations are summed in float32; float32/float64 stay as they are."""
+    """Half-precision pieces are multiplied and summed in float32 (a bf16 square keeps 8 bits
+    and a sum of many loses the small terms); float32/float64 stay as they are."""
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t

@@ -1,4 +1,8 @@
-"""Per-token and per-sample losses and EL2N, plus the forward helpers every scorer shares.
+"""The response-window loss, EL2N, and the forward helpers every scorer and trainer shares.
+
+:func:`response_loss` is *the* loss of speccore: the fine-tune (its gradient), the ``loss``
+score, per-token losses (:mod:`speccore.tokens`) and the dry run all compute the next-token
+cross-entropy over response tokens through it, so they cannot drift apart.
 
 Conventions used throughout :mod:`speccore.scoring`:
 
@@ -8,6 +12,9 @@ Conventions used throughout :mod:`speccore.scoring`:
   ``logits[:, :-1]`` are compared with ``labels[:, 1:]``;
 * a sample's loss is the mean cross-entropy over its counted (response) tokens; a sample with no
   counted token gets ``nan`` so that the runner reports it instead of scoring it 0;
+* per-token cross-entropy is computed in float32 whatever the model's dtype (bfloat16 logits
+  are upcast, float64 ones rounded, as Hugging Face's loss does), and only at counted positions:
+  a prompt-heavy batch never gets a float32 copy of all its logits;
 * scores come back as float64 tensors on the CPU, one per sample;
 * logits are computed only where a loss needs them (:func:`response_logits`): with a large
   vocabulary the ``lm_head`` costs more than the rest of the network per position, and the prompt
@@ -19,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -155,19 +163,14 @@ def token_losses(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
     """Shifted per-token cross-entropy ``[B, T-1]`` (float32) and the mask of counted positions.
 
     Entry ``[b, t]`` is the loss of predicting ``labels[b, t + 1]`` from ``logits[b, t]``; it is 0
-    where that label is ``-100``.
+    where that label is ``-100``. Only the counted positions go through the float32 softmax
+    (prompts can be most of a batch); the result is differentiable with respect to ``logits``.
     """
-    batch, length, vocab = logits.shape
-    # Shift the labels left instead of slicing the logits: the logits stay contiguous, so the
-    # (large) [B, T, V] tensor is not copied; the last column has no target and is dropped.
-    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
-    ce = F.cross_entropy(
-        logits.reshape(batch * length, vocab).float(),
-        targets.reshape(-1),
-        ignore_index=IGNORE_INDEX,
-        reduction="none",
-    ).view(batch, length)[:, :-1]
-    return ce, labels[:, 1:] != IGNORE_INDEX
+    targets = labels[:, 1:]
+    mask = targets != IGNORE_INDEX
+    picked = logits[:, :-1][mask].float()  # [N, V]: a copy of the counted rows only
+    ce = F.cross_entropy(picked, targets[mask], reduction="none")
+    return ce.new_zeros(mask.shape).index_put((mask,), ce), mask
 
 
 def sample_losses(logits: Tensor, labels: Tensor) -> Tensor:
@@ -176,11 +179,63 @@ def sample_losses(logits: Tensor, labels: Tensor) -> Tensor:
     return ce.sum(-1) / _counts(mask)
 
 
+@dataclass(frozen=True)
+class ResponseLoss:
+    """The next-token cross-entropy of a batch's response tokens (see :func:`response_loss`).
+
+    ``tokens[b, t]`` (float32, ``[B, W-1]``) is the loss of the label in column
+    ``start + t + 1`` of the batch, predicted by the logits at column ``start + t``; it is 0
+    where ``mask`` (bool, same shape) is False: a prompt token, padding, or a token dropped by a
+    token mask. Every counted label of the batch except one in column 0 (which nothing predicts)
+    lies inside the window. Tensors stay on the model's device and keep their autograd graph.
+    """
+
+    tokens: Tensor
+    mask: Tensor
+    start: int
+
+    @property
+    def count(self) -> Tensor:
+        """Counted tokens per sample, ``[B]`` int64."""
+        return self.mask.sum(-1)
+
+    @property
+    def sum(self) -> Tensor:
+        """Summed loss per sample, ``[B]`` float32."""
+        return self.tokens.sum(-1)
+
+    @property
+    def mean(self) -> Tensor:
+        """Mean loss per sample over its counted tokens, ``[B]`` float32; ``nan`` if none."""
+        return self.sum / _counts(self.mask)
+
+    @property
+    def total(self) -> Tensor:
+        """The summed loss of every counted token of the batch (a scalar): divided by the
+        number of tokens of an optimizer step, it is the fine-tune's objective."""
+        return self.tokens.sum()
+
+
+def response_loss(
+    model: nn.Module, batch: dict[str, Tensor], keep: int | None = None
+) -> ResponseLoss:
+    """The loss of ``model`` on the response tokens of a collated ``batch``.
+
+    Causal shift (the logits at ``t`` predict label ``t + 1``), labels ``-100`` not counted,
+    logits only over the response window (:func:`response_logits`; ``keep`` overrides its
+    length), per-token losses in float32. The model runs as it is: the caller chooses train or
+    eval mode and whether gradients flow (scorers use :func:`eval_mode` and
+    ``torch.inference_mode``; the fine-tune backpropagates ``total``).
+    """
+    logits, labels = response_logits(model, batch, keep)
+    tokens, mask = token_losses(logits, labels)
+    return ResponseLoss(tokens, mask, batch["labels"].shape[-1] - labels.shape[-1])
+
+
 def loss_batch(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
     """Per-sample mean loss over response tokens, float64 on the CPU, shape ``[B]``."""
     with torch.inference_mode(), eval_mode(model):
-        logits, labels = response_logits(model, batch)
-        losses = sample_losses(logits, labels)
+        losses = response_loss(model, batch).mean
     return as_output(losses)
 
 

@@ -34,15 +34,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from .. import errors
 from ..data.tokenized import IGNORE_INDEX, TokenizedData, length_grouped_batches, sample_indices
 from ..errors import ConfigError, ScoringError, SpeccoreError
 from ..io import cache_root, fingerprint, load_npz, save_npz
+from ..progress import progress
 
 if TYPE_CHECKING:
-    from ..provider import ModelSlot
+    from .request import ScoringRequest
 
 logger = logging.getLogger(__name__)
 
@@ -82,16 +82,14 @@ def require_ray() -> Any:
 
 
 def score_with_ray(
-    slot: ModelSlot,
-    score: str,
-    indices: np.ndarray | None,
+    request: ScoringRequest,
     *,
     pool_size: int | None = None,
     shard_samples: int | None = None,
 ) -> np.ndarray:
-    """``score`` of the samples at ``indices`` (all when None) under ``slot``'s adapter in use.
+    """The request's score of its samples (all when ``indices`` is None) under its adapter.
 
-    Same result as :func:`speccore.scoring.score_samples` with ``slot.cfg.max_batch_tokens``:
+    Same result as :func:`speccore.scoring.score_samples` with ``request.max_batch_tokens``:
     float64, aligned with ``indices``. ``pool_size`` caps the actors (default: one per GPU, or
     one per CPU but one); ``shard_samples`` overrides the shard size (default from the request
     size). Connects to ``$RAY_ADDRESS`` when set, else starts a local Ray.
@@ -99,20 +97,21 @@ def score_with_ray(
     ray = require_ray()
     from .runner import SCORE_FUNCTIONS
 
+    score = request.scorer
     if score not in SCORE_FUNCTIONS:
         raise ConfigError(f"unknown score {score!r}; valid scores: {', '.join(SCORE_FUNCTIONS)}")
-    data = slot.data
-    idx = sample_indices(indices, len(data))
+    data = request.data
+    idx = sample_indices(request.indices, len(data))
     if idx.size == 0:
         return np.zeros(0, dtype=np.float64)
-    max_tokens = slot.cfg.max_batch_tokens
+    max_tokens = request.max_batch_tokens
     shards = plan_shards(data, idx, max_tokens, shard_samples)
-    folder = shard_folder(slot, score, idx, max_tokens, shards)
+    folder = shard_folder(request, idx, max_tokens, shards)
     missing = missing_shards(folder, shards)
     logger.info(
-        "ray: %s on %s, %d samples in %d shards (%d to score) under %s",
+        "ray: %s (%s), %d samples in %d shards (%d to score) under %s",
         score,
-        slot.role,
+        request.model_name,
         len(idx),
         len(shards),
         len(missing),
@@ -120,22 +119,22 @@ def score_with_ray(
     )
     if missing:
         connect(ray)
-        pool = choose_pool(ray, slot.cfg.device, pool_size, len(missing))
-        args = actor_args(slot, score, pool)
+        pool = choose_pool(ray, request.device, pool_size, len(missing))
+        args = actor_args(request, pool)
         run_shards(ray, data, idx, shards, missing, folder, pool, args)
     return assemble(folder, data, idx, shards, score)
 
 
-def actor_args(slot: ModelSlot, score: str, pool: Pool) -> dict[str, Any]:
+def actor_args(request: ScoringRequest, pool: Pool) -> dict[str, Any]:
     """What every :class:`ShardScorer` is built with (the adapter is saved here first)."""
     return {
-        "model": slot.name,
-        "adapter": str(publish_adapter(slot)),
-        "score": score,
-        "dtype": slot.cfg.dtype,
+        "model": request.model_name,
+        "adapter": str(publish_adapter(request)),
+        "score": request.scorer,
+        "dtype": request.dtype,
         "device": pool.device,
         "threads": max(1, int(pool.num_cpus)),
-        "pad_token_id": slot.data.pad_token_id,
+        "pad_token_id": request.data.pad_token_id,
         # Workers may not share the driver's environment: point them at the same model
         # conversion cache, so that an alias is not converted again.
         "cache_root": str(cache_root()),
@@ -179,17 +178,16 @@ def plan_shards(
 
 
 def shard_folder(
-    slot: ModelSlot,
-    score: str,
+    request: ScoringRequest,
     idx: np.ndarray,
     max_batch_tokens: int,
     shards: list[list[np.ndarray]],
 ) -> Path:
-    """``<cache>/scores/<score key>.ray/<request>``: one folder per (model, adapter, data, score)
-    and request (indices, batching, shard layout)."""
+    """``<work dir of the score key>/ray/<request>``: one folder per (model, adapter, data,
+    score) and request (indices, batching, shard layout)."""
     layout = [len(b) for shard in shards for b in shard] + [-1] + [len(s) for s in shards]
-    request = fingerprint("ray-request", idx, max_batch_tokens, layout)
-    return slot.cache.root / "scores" / f"{slot.score_key(score)}.ray" / request
+    fp = fingerprint("ray-request", idx, max_batch_tokens, layout)
+    return request.work_dir / "ray" / fp
 
 
 def shard_path(folder: Path, shard: int) -> Path:
@@ -254,13 +252,11 @@ def choose_pool(ray: Any, device: str, pool_size: int | None, n_shards: int) -> 
     return Pool(size=size, num_cpus=per_cpu, num_gpus=per_gpu)
 
 
-def publish_adapter(slot: ModelSlot) -> Path:
-    """The adapter in use, saved once under ``<cache>/ray/adapters/<fingerprint>``."""
-    from ..models import save_adapter
-
-    folder = slot.cache.root / "ray" / "adapters" / slot.adapter_fp()
+def publish_adapter(request: ScoringRequest) -> Path:
+    """The adapter in use, saved once under ``<work dir>/adapters/<fingerprint>``."""
+    folder = request.work_dir / "adapters" / request.adapter_fp
     if not (folder / "adapter_model.safetensors").exists():
-        save_adapter(slot.peft, folder)
+        request.save_adapter(folder)
     return folder
 
 
@@ -339,7 +335,7 @@ def _collect(
     sizes = {s: sum(len(b) for b in shards[s]) for s in todo}
     got = {s: np.full(sizes[s], np.nan) for s in todo}
     seen = dict.fromkeys(todo, 0)
-    with tqdm(total=sum(sizes.values()), unit="sample", desc=desc) as bar:
+    with progress(total=sum(sizes.values()), unit="sample", desc=desc) as bar:
         for row in ds.iter_rows():
             s = int(row["shard"])
             got[s][int(row["offset"])] = float(row["value"])

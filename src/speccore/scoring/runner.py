@@ -8,18 +8,19 @@ an uninterrupted run, and gets bit-identical scores.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
+from .. import interrupt
 from ..data.tokenized import (
     IGNORE_INDEX,
+    BatchLoop,
     TokenizedData,
-    collate,
     length_grouped_batches,
     sample_indices,
 )
@@ -39,6 +40,9 @@ SCORE_FUNCTIONS: dict[str, ScoreFunction] = {
     "el2n": el2n_batch,
 }
 
+#: Default of ``checkpoint_seconds``: a hard stop (SIGKILL, power loss) loses at most this much.
+CHECKPOINT_SECONDS = 30.0
+
 
 def score_samples(
     model: nn.Module,
@@ -50,6 +54,7 @@ def score_samples(
     max_batch_size: int | None = None,
     checkpoint: Path | None = None,
     checkpoint_every: int = 256,
+    checkpoint_seconds: float | None = CHECKPOINT_SECONDS,
     device: torch.device | str | None = None,
     desc: str = "scoring",
 ) -> np.ndarray:
@@ -60,33 +65,45 @@ def score_samples(
     mode, its modes restored afterwards. A non-finite score raises :class:`ScoringError` naming
     the sample.
 
-    With ``checkpoint``, finished batches are saved there (atomically) about every
-    ``checkpoint_every`` samples, at the end and when the run is interrupted; a later call with
-    the same request (score, indices, data and batching) scores only the missing batches. The
+    With ``checkpoint``, finished batches are saved there (atomically) once ``checkpoint_every``
+    samples or ``checkpoint_seconds`` seconds (None: no time limit) have passed since the last
+    save, at the end, when the run fails, and when a stop signal arrives inside
+    :func:`speccore.interrupt.interruptible` (then :class:`speccore.interrupt.Interrupted` is
+    raised after the batch in progress is saved). A later call with the same request (score,
+    indices, data and batching) scores only the missing batches and logs what it resumed. The
     checkpoint does not identify the model: use one path per model. It is never deleted here.
     """
     fn = _score_function(score)
     idx = _check_args(data, indices, max_batch_tokens, max_batch_size)
     if checkpoint_every < 1:
         raise ConfigError(f"checkpoint_every must be at least 1, got {checkpoint_every}")
+    if checkpoint_seconds is not None and not checkpoint_seconds > 0:
+        raise ConfigError(f"checkpoint_seconds must be > 0 or None, got {checkpoint_seconds}")
     plan = _plan(data, idx, max_batch_tokens, max_batch_size)
-    state = _Progress(len(idx), checkpoint, checkpoint_every)
+    state = _Progress(plan, checkpoint, checkpoint_every, checkpoint_seconds)
     if checkpoint is not None:
         state.key = fingerprint(
             "score-checkpoint", score, idx, max_batch_tokens, max_batch_size, data.fingerprint()
         )
-        state.load(plan)
-    initial = sum(len(plan[b]) for b in state.done)
-    logger.debug("%s: %d samples in %d batches (%d done)", score, len(idx), len(plan), initial)
+        state.load()
+    logger.debug("%s: %d samples in %d batches (%d done)", score, len(idx), len(plan), state.n_done)
+    dev = model_device(model) if device is None else device
     try:
-        with eval_mode(model), _progress_bar(len(idx), initial, desc) as bar:
-            for b, pos, batch in _batches(model, data, idx, plan, device, skip=state.done):
-                values = fn(model, batch).detach().double().cpu().numpy()
-                _check_finite(values, idx[pos], batch, score)
-                state.record(b, pos, values)
-                bar.update(len(pos))
-    except BaseException:
+        with (
+            eval_mode(model),
+            BatchLoop(
+                data, plan, indices=idx, device=dev, skip=frozenset(state.done), desc=desc
+            ) as loop,
+        ):
+            for batch in loop:
+                values = fn(model, batch.tensors).detach().double().cpu().numpy()
+                _check_finite(values, batch.samples, batch.tensors, score)
+                state.record(batch.number, batch.rows, values)
+                interrupt.stop_point(state.save_now, len(idx))
+    except BaseException as e:
         state.save(quiet=True)  # keep what is done, then let the error through
+        if isinstance(e, interrupt.Interrupted):
+            e.update(state.n_saved, len(idx), "samples")
         raise
     state.save()
     return state.scores
@@ -110,19 +127,19 @@ def embed_samples(
     plan = _plan(data, idx, max_batch_tokens, max_batch_size)
     hidden = int(getattr(getattr(model, "config", None), "hidden_size", 0) or 0)
     out: np.ndarray | None = None
-    with eval_mode(model), _progress_bar(len(idx), 0, desc) as bar:
-        for _, pos, batch in _batches(model, data, idx, plan, device, skip=set()):
-            values = embedding_batch(model, batch).float().numpy()
+    dev = model_device(model) if device is None else device
+    with eval_mode(model), BatchLoop(data, plan, indices=idx, device=dev, desc=desc) as loop:
+        for batch in loop:
+            values = embedding_batch(model, batch.tensors).float().numpy()
             bad = ~np.isfinite(values).all(axis=1)
             if bad.any():
                 raise ScoringError(
-                    f"sample {idx[pos][bad.argmax()]}: embedding is not finite; "
+                    f"sample {batch.samples[bad.argmax()]}: embedding is not finite; "
                     "check the model weights"
                 )
             if out is None:
                 out = np.zeros((len(idx), values.shape[1]), dtype=np.float32)
-            out[pos] = values
-            bar.update(len(pos))
+            out[batch.rows] = values
     return out if out is not None else np.zeros((0, hidden), dtype=np.float32)
 
 
@@ -158,26 +175,6 @@ def _plan(
     return length_grouped_batches(data.lengths[idx], max_batch_tokens, max_batch_size)
 
 
-def _progress_bar(total: int, initial: int, desc: str) -> tqdm:
-    return tqdm(total=total, initial=initial, unit="sample", desc=desc, dynamic_ncols=True)
-
-
-def _batches(
-    model: nn.Module,
-    data: TokenizedData,
-    idx: np.ndarray,
-    plan: list[np.ndarray],
-    device: torch.device | str | None,
-    skip: set[int],
-) -> Iterator[tuple[int, np.ndarray, dict[str, Tensor]]]:
-    """Yield ``(batch number, positions, batch on device)`` for the batches not in ``skip``."""
-    dev = model_device(model) if device is None else torch.device(device)
-    for b, pos in enumerate(plan):
-        if b not in skip:
-            batch = collate(data, idx[pos])
-            yield b, pos, {k: v.to(dev) for k, v in batch.items()}
-
-
 def _check_finite(
     values: np.ndarray, samples: np.ndarray, batch: dict[str, Tensor], score: str
 ) -> None:
@@ -199,20 +196,33 @@ def _check_finite(
 class _Progress:
     """Scores done so far, and their checkpoint file (whole batches only)."""
 
-    def __init__(self, n: int, path: Path | None, every: int) -> None:
-        self.scores = np.full(n, np.nan, dtype=np.float64)
+    def __init__(
+        self, plan: list[np.ndarray], path: Path | None, every: int, seconds: float | None
+    ) -> None:
+        self.plan = plan
+        self.scores = np.full(sum(len(b) for b in plan), np.nan, dtype=np.float64)
         self.done: set[int] = set()
         self.path = None if path is None else Path(path)
-        self.every = every
+        self.every, self.seconds = every, seconds
         self.key = ""
+        self.n_done = 0  # samples in done batches
+        self.n_saved = 0  # samples in batches on disk (all done ones without a path: none)
         self.unsaved = 0
+        self.last_save = time.monotonic()
 
     def record(self, batch: int, positions: np.ndarray, values: np.ndarray) -> None:
         self.scores[positions] = values
         self.done.add(batch)
+        self.n_done += len(positions)
         self.unsaved += len(positions)
-        if self.unsaved >= self.every:
+        overdue = self.seconds is not None and time.monotonic() - self.last_save >= self.seconds
+        if self.unsaved >= self.every or overdue:
             self.save()
+
+    def save_now(self) -> int:
+        """Save, and return how many samples are on disk (for an interrupted run's message)."""
+        self.save()
+        return self.n_saved
 
     def save(self, quiet: bool = False) -> None:
         """Write the done batches atomically (nothing to do without a path or new work)."""
@@ -227,12 +237,16 @@ class _Progress:
             logger.warning("could not save the scoring checkpoint %s: %s", self.path, e)
             return
         self.unsaved = 0
+        self.n_saved = self.n_done
+        self.last_save = time.monotonic()
+        interrupt.report(self.n_saved, len(self.scores), "samples")
         logger.debug("checkpoint %s: %d batches done", self.path, len(batches))
 
-    def load(self, plan: list[np.ndarray]) -> None:
+    def load(self) -> None:
         """Take over the done batches of a checkpoint made for this very request."""
         if self.path is None or not self.path.exists():
             return
+        plan = self.plan
         try:
             saved = load_npz(self.path)
             key, batches, scores = str(saved["key"]), saved["batches"], saved["scores"]
@@ -250,5 +264,6 @@ class _Progress:
         self.done = {int(b) for b in batches}
         for b in self.done:
             self.scores[plan[b]] = scores[plan[b]]
-        n_done = sum(len(plan[b]) for b in self.done)
-        logger.info("resuming from %s: %d of %d samples done", self.path, n_done, len(self.scores))
+        self.n_done = self.n_saved = sum(len(plan[b]) for b in self.done)
+        interrupt.report(self.n_saved, len(self.scores), "samples")
+        logger.info("resumed %d of %d samples from %s", self.n_done, len(self.scores), self.path)

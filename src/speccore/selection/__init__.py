@@ -1,7 +1,7 @@
 """Coreset selection methods behind one contract (see :mod:`speccore.selection.base`)."""
 
 # Importing the method modules fills the registry.
-from . import ccs, d2, random, score_based, staff, target_only  # noqa: F401
+from . import ccs, d2, perplexity, random, s2l, score_based, staff, target_only  # noqa: F401
 from .base import (
     ScoreProvider,
     Selection,

@@ -1,5 +1,12 @@
 """The contract every selection method follows, and the method registry.
 
+A method is one module. It subclasses :class:`SelectionMethod` and registers (with
+:func:`register_method`) its name, a one-line description, its own settings dataclass (a
+:class:`MethodSettings`, whose field names are the flag names: ``d2_k`` ↔ ``--d2-k``), the models
+it needs and its dry-run plan (:meth:`SelectionMethod.plan`, a list of :class:`Work`). The
+configuration, the CLI flags, YAML files, the bench and the dry run all read the registry, so a
+new method touches nothing else.
+
 A method receives a :class:`ScoreProvider` (the data's scores, computed lazily and cached by the
 pipeline: a test passes plain arrays instead), a budget ``m`` and a seed, and returns a
 :class:`Selection`. Methods never load models themselves: that keeps each one a short, testable
@@ -9,13 +16,16 @@ transcription of its paper.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import time
+import typing
+import zlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol
 
 import numpy as np
 
@@ -24,8 +34,6 @@ from ..io import write_json
 
 if TYPE_CHECKING:
     import datasets
-
-    from ..config import SelectConfig
 
 
 class Verifier(Protocol):
@@ -36,22 +44,52 @@ class Verifier(Protocol):
         ...
 
 
+class RunConfig(Protocol):
+    """The part of :class:`~speccore.config.SelectConfig` a method reads (settings every method
+    shares, and its own settings through :meth:`settings_for`)."""
+
+    method: str
+    prune_rate: float
+    small_epochs: float
+    target_epochs: float
+    scores: str | None
+    small_adapter: str | None
+
+    def settings_for(self, method: str) -> Any:
+        """The validated settings dataclass of ``method``."""
+        ...
+
+
 class ScoreProvider(Protocol):
     """What a method may ask for. Every call is cached: asking twice costs nothing."""
 
     n: int
-    config: SelectConfig
 
-    def small_scores(self) -> np.ndarray:
-        """Speculative scores of every sample on the task-tuned small model."""
+    @property
+    def config(self) -> RunConfig:
+        """The run's settings."""
         ...
 
-    def verifier(self) -> Verifier:
-        """Scores of given samples on the untuned target (fresh LoRA)."""
+    def small_scores(self, score: str) -> np.ndarray:
+        """Speculative ``score`` of every sample on the task-tuned small model."""
+        ...
+
+    def verifier(self, score: str) -> Verifier:
+        """``score`` of given samples on the untuned target (fresh LoRA)."""
         ...
 
     def target_scores(self, score: str, tuned: bool) -> np.ndarray:
         """``score`` of every sample on the target, LoRA-tuned on the full data or not."""
+        ...
+
+    def small_model_scores(self, score: str, tuned: bool) -> np.ndarray:
+        """``score`` of every sample on the small model, tuned (STAFF's small fine-tune) or not
+        (the pretrained model); never the ``--scores`` file."""
+        ...
+
+    def small_trajectories(self, checkpoints: int) -> Trajectories:
+        """The loss of every sample at ``checkpoints`` evenly spaced points of STAFF's small
+        fine-tune, the untuned start and the end included (S2L)."""
         ...
 
     def target_embeddings(self) -> np.ndarray:
@@ -61,6 +99,22 @@ class ScoreProvider(Protocol):
     def stage(self, name: str) -> contextlib.AbstractContextManager[None]:
         """Time a stage; the time lands in the Selection's ``timings``."""
         ...
+
+
+@dataclass
+class Trajectories:
+    """Per-sample losses at checkpoints of one small-model fine-tune (S2L's training
+    trajectories). Column c was computed under the adapter after ``steps[c]`` optimizer steps
+    of ``n_steps`` (0: the untuned start; ``n_steps``: the tuned adapter)."""
+
+    losses: np.ndarray  # [N, C] float64
+    steps: list[int]
+    n_steps: int
+    epochs: float  # T, the fine-tune's epochs: checkpoint c lies at steps[c] / n_steps · T
+
+    @property
+    def checkpoint_epochs(self) -> list[float]:
+        return [self.epochs * s / self.n_steps if self.n_steps else 0.0 for s in self.steps]
 
 
 @dataclass
@@ -145,40 +199,159 @@ class Selection:
         return dataset.select(self.indices.tolist())
 
 
+Score = Literal["effort", "loss", "el2n"]
+"""A per-sample score: LoRA gradient norm, mean response loss, or EL2N."""
+
+
+@dataclass
+class MethodSettings:
+    """Base of a method's own settings. Field names are flag names (``d2_k`` ↔ ``--d2-k``); a
+    field shared by several methods (``regions``) is declared identically in each (checked at
+    registration). ``Literal`` fields are checked by the parser and by :meth:`validate`."""
+
+    def validate(self) -> None:
+        """Check ranges; raise :class:`ConfigError` naming the flag. Literals are checked."""
+        check_literals(self)
+
+
+@dataclass
+class NoSettings(MethodSettings):
+    """A method without settings of its own."""
+
+
+@dataclass(frozen=True)
+class Work:
+    """One stage of model work a method will do (its dry-run plan is a list of these)."""
+
+    stage: str
+    role: Literal["small", "target", "none"]  # "none": no model work
+    kind: str  # "train" | "embedding" | a score name
+    epochs: float = 0.0
+    samples: int | None = None  # None: every sample; else a count (target verification)
+
+
 class SelectionMethod(ABC):
-    """One coreset method. Subclasses set ``name`` and implement :meth:`select`."""
+    """One coreset method. Subclasses set the class attributes and implement :meth:`select`
+    and :meth:`plan`, then register with :func:`register_method`."""
 
     name: ClassVar[str]
     description: ClassVar[str] = ""
+    settings_class: ClassVar[type[MethodSettings]] = NoSettings
+    # The models a method loads ("small", "target"): checked before any work starts.
+    needs: ClassVar[tuple[str, ...]] = ()
+    # Whether the coreset depends on the seed (random draws), as the contract test checks.
+    random_draws: ClassVar[bool] = False
+
+    def settings(self, config: RunConfig) -> Any:
+        """This method's settings out of ``config``."""
+        return config.settings_for(self.name)
 
     @abstractmethod
     def select(self, provider: ScoreProvider, budget: int, seed: int) -> Selection:
         """Pick ``budget`` samples (or fewer, where the method allows) out of ``provider.n``."""
 
+    @abstractmethod
+    def plan(self, config: RunConfig, n: int) -> list[Work]:
+        """The model work :meth:`select` will do on ``n`` samples (the dry run times it)."""
+
 
 _REGISTRY: dict[str, type[SelectionMethod]] = {}
+_SETTING_FIELDS: dict[str, tuple[dataclasses.Field[Any], Any, str]] = {}
 
 
 def register_method(cls: type[SelectionMethod]) -> type[SelectionMethod]:
-    """Class decorator: make a method available by its ``name``."""
-    if cls.name in _REGISTRY:
-        raise ValueError(f"selection method {cls.name!r} registered twice")
-    _REGISTRY[cls.name] = cls
+    """Class decorator: make a method available by its ``name``.
+
+    Checks what a method must declare, as ``peft``'s ``register_peft_method`` and
+    lm-evaluation-harness's registry do: a :class:`SelectionMethod` subclass with a unique name,
+    a description, a :class:`MethodSettings` dataclass whose fields agree with every other
+    method's fields of the same name.
+    """
+    if not (isinstance(cls, type) and issubclass(cls, SelectionMethod)):
+        raise TypeError(f"{cls!r} is not a SelectionMethod subclass")
+    name = getattr(cls, "name", "")
+    if not name or not isinstance(name, str):
+        raise TypeError(f"{cls.__name__} has no name")
+    if name in _REGISTRY:
+        raise ValueError(f"selection method {name!r} registered twice")
+    if not cls.description:
+        raise TypeError(f"selection method {name!r} has no description")
+    settings = cls.settings_class
+    if not (dataclasses.is_dataclass(settings) and issubclass(settings, MethodSettings)):
+        raise TypeError(f"{name}: settings_class must be a MethodSettings dataclass")
+    hints = typing.get_type_hints(settings)
+    for f in dataclasses.fields(settings):  # check every field before recording any
+        known = _SETTING_FIELDS.get(f.name)
+        if known is not None and (known[1], _default(known[0])) != (hints[f.name], _default(f)):
+            raise TypeError(
+                f"{name}: setting {f.name!r} differs from method {known[2]!r}'s declaration"
+            )
+    for f in dataclasses.fields(settings):
+        _SETTING_FIELDS.setdefault(f.name, (f, hints[f.name], name))
+    _REGISTRY[name] = cls
     return cls
+
+
+def _default(f: dataclasses.Field[Any]) -> Any:
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return f.default
 
 
 def method_names() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def method_class(name: str) -> type[SelectionMethod]:
+    """The class registered as ``name``; an unknown name lists the valid ones."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        import difflib
+
+        close = difflib.get_close_matches(name, method_names(), n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise ConfigError(
+            f"unknown selection method {name!r}{hint}; valid methods: {', '.join(method_names())}"
+        ) from None
+
+
 def get_method(name: str) -> SelectionMethod:
     """An instance of the method called ``name``; an unknown name lists the valid ones."""
-    try:
-        return _REGISTRY[name]()
-    except KeyError:
-        raise ConfigError(
-            f"unknown selection method {name!r}; valid methods: {', '.join(method_names())}"
-        ) from None
+    return method_class(name)()
+
+
+def setting_fields() -> dict[str, tuple[dataclasses.Field[Any], Any]]:
+    """Every method setting: flat name → (dataclass field, resolved type)."""
+    return {k: (f, tp) for k, (f, tp, _) in _SETTING_FIELDS.items()}
+
+
+def methods_using(setting: str) -> list[str]:
+    """The methods whose settings hold the field ``setting``."""
+    return [
+        n
+        for n, cls in sorted(_REGISTRY.items())
+        if setting in {f.name for f in dataclasses.fields(cls.settings_class)}
+    ]
+
+
+def check_literals(obj: Any) -> None:
+    """Every ``Literal`` field of dataclass ``obj`` holds one of its values."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        tp = hints[f.name]
+        args = typing.get_args(tp)
+        if typing.get_origin(tp) is not Literal:
+            # Optional[Literal[...]]: check the Literal inside.
+            lits = [a for a in args if typing.get_origin(a) is Literal]
+            if not lits or getattr(obj, f.name) is None:
+                continue
+            args = typing.get_args(lits[0])
+        value = getattr(obj, f.name)
+        if value not in args:
+            flag = "--" + f.name.replace("_", "-")
+            choices = ", ".join(str(a) for a in args)
+            raise ConfigError(f"{flag} must be one of {choices}, got {value!r}")
 
 
 class StageTimer:
@@ -207,9 +380,12 @@ class StageTimer:
                 self._inner[-1] += elapsed
 
 
-def rng_for(seed: int, *salt: int) -> np.random.Generator:
-    """The method's random generator: same seed, same draws."""
-    return np.random.default_rng([seed, *salt])
+def rng_for(seed: int, *salt: str | int) -> np.random.Generator:
+    """The one way a method draws at random: ``rng_for(seed, "ccs")``, salted with the name of
+    the draw (a string, hashed with CRC-32; ints pass as they are), so two draws of one run never
+    share a stream and the same seed gives the same draws."""
+    words = [zlib.crc32(s.encode()) if isinstance(s, str) else int(s) for s in salt]
+    return np.random.default_rng([seed, *words])
 
 
 ArrayFn = Callable[[np.ndarray], np.ndarray]

@@ -23,21 +23,30 @@ from __future__ import annotations
 
 import logging
 import math
-import zlib
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any
 
 import numpy as np
 
 from ..errors import ConfigError
-from .base import ScoreProvider, Selection, SelectionMethod, register_method, rng_for
+from .base import (
+    MethodSettings,
+    RunConfig,
+    ScoreProvider,
+    Selection,
+    SelectionMethod,
+    Work,
+    register_method,
+    rng_for,
+)
 from .regions import equal_width_regions, region_members
 from .score_based import TARGET_STAGE, check_budget, check_scores
 
 logger = logging.getLogger(__name__)
 
-CCS_SALT = zlib.crc32(b"ccs")
+CCS_SALT = "ccs"
 
 
 def equal_width_strata(scores: np.ndarray, k: int) -> np.ndarray:
@@ -160,15 +169,50 @@ def ccs_select(
     return indices, info
 
 
+@dataclass
+class CcsSettings(MethodSettings):
+    """CCS's cutoff rate β and its K strata."""
+
+    ccs_beta: float = field(
+        default=0.1,
+        metadata={"help": "CCS hard-cutoff rate beta (0: no cutoff, as in the STAFF paper's CCS)"},
+    )
+    regions: int = field(default=50, metadata={"help": "K, regions (strata) of equal score width"})
+
+    def validate(self) -> None:
+        super().validate()
+        if not 0 <= self.ccs_beta < 1:
+            raise ConfigError(f"--ccs-beta must be in [0, 1), got {self.ccs_beta}")
+        if self.regions < 1:
+            raise ConfigError(f"--regions (K) must be >= 1, got {self.regions}")
+
+
+def tuned_target_plan(config: RunConfig, score: str, embeddings: bool = False) -> list[Work]:
+    """The baselines' model work: fine-tune the target on all data, score every sample."""
+    work = [
+        Work("target fine-tune", "target", "train", epochs=config.target_epochs),
+        Work("target scoring", "target", score),
+    ]
+    if embeddings:
+        work.append(Work("tuned-target embeddings", "target", "embedding"))
+    return work
+
+
 @register_method
 class CCS(SelectionMethod):
     """Coverage-centric coreset selection over EL2N on the fully tuned target."""
 
     name = "ccs"
     description = "coverage-centric selection: hard cutoff + stratified sampling over EL2N"
+    random_draws = True
+    settings_class = CcsSettings
+    needs = ("target",)
+
+    def plan(self, config: RunConfig, n: int) -> list[Work]:
+        return tuned_target_plan(config, "el2n")
 
     def select(self, provider: ScoreProvider, budget: int, seed: int) -> Selection:
-        cfg = provider.config
+        cfg = self.settings(provider.config)
         with provider.stage(TARGET_STAGE):
             scores = check_scores(provider.target_scores("el2n", tuned=True))
         with provider.stage("selection"):

@@ -30,14 +30,23 @@ from __future__ import annotations
 
 import heapq
 import logging
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
 
 from ..errors import ConfigError
-from .base import ScoreProvider, Selection, SelectionMethod, register_method
-from .ccs import ccs_strata, stratum_budgets, stratum_table
+from .base import (
+    MethodSettings,
+    RunConfig,
+    ScoreProvider,
+    Selection,
+    SelectionMethod,
+    Work,
+    register_method,
+)
+from .ccs import ccs_strata, stratum_budgets, stratum_table, tuned_target_plan
 from .score_based import TARGET_STAGE, check_budget, check_scores
 
 logger = logging.getLogger(__name__)
@@ -253,15 +262,45 @@ def _symmetric_csr(n: int, lo: np.ndarray, hi: np.ndarray, dist: np.ndarray) -> 
     return sp.csr_matrix((data, cols[order], indptr), shape=(n, n))
 
 
+@dataclass
+class D2Settings(MethodSettings):
+    """D2's graph (k neighbours), its message weights, and the optional CCS strata."""
+
+    d2_k: int = field(default=5, metadata={"help": "D2 nearest neighbours"})
+    d2_gamma_f: float = field(default=1.0, metadata={"help": "D2 forward message gamma"})
+    d2_gamma_r: float = field(default=0.1, metadata={"help": "D2 reverse message gamma"})
+    d2_strata: int | None = field(
+        default=None, metadata={"help": "run D2 within CCS strata (the D2 paper's pipeline)"}
+    )
+    ccs_beta: float = field(
+        default=0.1,
+        metadata={"help": "CCS hard-cutoff rate beta (0: no cutoff, as in the STAFF paper's CCS)"},
+    )
+
+    def validate(self) -> None:
+        super().validate()
+        if self.d2_k < 1:
+            raise ConfigError(f"--d2-k must be >= 1, got {self.d2_k}")
+        if self.d2_strata is not None and self.d2_strata < 1:
+            raise ConfigError(f"--d2-strata must be >= 1, got {self.d2_strata}")
+        if not 0 <= self.ccs_beta < 1:
+            raise ConfigError(f"--ccs-beta must be in [0, 1), got {self.ccs_beta}")
+
+
 @register_method
 class D2(SelectionMethod):
     """D2 Pruning over EL2N and the tuned target's embeddings."""
 
     name = "d2"
     description = "D2 pruning: kNN-graph message passing over EL2N and target embeddings"
+    settings_class = D2Settings
+    needs = ("target",)
+
+    def plan(self, config: RunConfig, n: int) -> list[Work]:
+        return tuned_target_plan(config, "el2n", embeddings=True)
 
     def select(self, provider: ScoreProvider, budget: int, seed: int) -> Selection:
-        cfg = provider.config
+        cfg = self.settings(provider.config)
         with provider.stage(TARGET_STAGE):
             scores = check_scores(provider.target_scores("el2n", tuned=True))
             features = provider.target_embeddings()

@@ -11,12 +11,20 @@ import logging
 
 import numpy as np
 
-from .base import ScoreProvider, Selection, SelectionMethod, register_method, rng_for
+from .base import (
+    RunConfig,
+    ScoreProvider,
+    Selection,
+    SelectionMethod,
+    Work,
+    register_method,
+    rng_for,
+)
 from .score_based import check_budget
 
 logger = logging.getLogger(__name__)
 
-RANDOM_SALT = 0x4A4D
+RANDOM_SALT = "random"
 
 
 def random_select(n: int, m: int, rng: np.random.Generator) -> np.ndarray:
@@ -31,6 +39,10 @@ class Random(SelectionMethod):
 
     name = "random"
     description = "m samples uniformly at random"
+    random_draws = True
+
+    def plan(self, config: RunConfig, n: int) -> list[Work]:
+        return [Work("selection", "none", "draw")]
 
     def select(self, provider: ScoreProvider, budget: int, seed: int) -> Selection:
         with provider.stage("selection"):

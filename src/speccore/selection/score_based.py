@@ -18,7 +18,7 @@ import logging
 import numpy as np
 
 from ..errors import ScoringError
-from .base import ScoreProvider, Selection, SelectionMethod, register_method
+from .base import RunConfig, ScoreProvider, Selection, SelectionMethod, Work, register_method
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +62,12 @@ class _TopByTargetScore(SelectionMethod):
     """Keep the ``budget`` highest ``score`` values on the target tuned on the full data."""
 
     score: str
+    needs = ("target",)
+
+    def plan(self, config: RunConfig, n: int) -> list[Work]:
+        from .ccs import tuned_target_plan
+
+        return tuned_target_plan(config, self.score)
 
     def select(self, provider: ScoreProvider, budget: int, seed: int) -> Selection:
         with provider.stage(TARGET_STAGE):

@@ -13,16 +13,42 @@ score all N samples instead of verifying K·b_v of them.
 from __future__ import annotations
 
 import logging
-import zlib
+from dataclasses import dataclass, field
 
-from .base import ScoreProvider, Selection, SelectionMethod, register_method, rng_for
+from ..errors import ConfigError
+from .base import (
+    MethodSettings,
+    RunConfig,
+    Score,
+    ScoreProvider,
+    Selection,
+    SelectionMethod,
+    Work,
+    register_method,
+    rng_for,
+)
 from .ccs import equal_width_strata, stratified_budget_loop, stratum_budgets, stratum_table
 from .regions import region_members
 from .score_based import check_scores
 
 logger = logging.getLogger(__name__)
 
-TARGET_ONLY_SALT = zlib.crc32(b"staff-target-only")
+TARGET_ONLY_SALT = "staff-target-only"
+
+
+@dataclass
+class TargetOnlySettings(MethodSettings):
+    """The score and K of the target-only ablation (declared as STAFF declares them)."""
+
+    score: Score = field(
+        default="effort", metadata={"help": "score of both the speculative and verification stage"}
+    )
+    regions: int = field(default=50, metadata={"help": "K, regions (strata) of equal score width"})
+
+    def validate(self) -> None:
+        super().validate()
+        if self.regions < 1:
+            raise ConfigError(f"--regions (K) must be >= 1, got {self.regions}")
 
 
 @register_method
@@ -31,9 +57,16 @@ class StaffTargetOnly(SelectionMethod):
 
     name = "staff-target-only"
     description = "STAFF ablation without a small model: regions over untuned-target scores"
+    random_draws = True
+    settings_class = TargetOnlySettings
+    needs = ("target",)
+
+    def plan(self, config: RunConfig, n: int) -> list[Work]:
+        score = self.settings(config).score
+        return [Work("untuned-target scoring", "target", score)]
 
     def select(self, provider: ScoreProvider, budget: int, seed: int) -> Selection:
-        cfg = provider.config
+        cfg = self.settings(provider.config)
         with provider.stage("target setup"):
             scores = check_scores(provider.target_scores(cfg.score, tuned=False))
         with provider.stage("selection"):

@@ -24,6 +24,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from ..config import TOKEN_RANKS
+from ..data import row_label
 from ..data.tokenized import IGNORE_INDEX, TokenizedData
 from ..errors import ConfigError, DataError
 from ..io import atomic_open
@@ -75,7 +76,7 @@ def full_masks(
         positions = response_positions(data.labels[i])
         if len(positions) != flags.lengths[k]:
             raise DataError(
-                f"row {i}: {flags.lengths[k]} token flags for {len(positions)} response tokens; "
+                f"{row_label(i)}: {flags.lengths[k]} token flags for {len(positions)} response tokens; "
                 "the flags were made for another tokenisation"
             )
         mask = np.ones(len(data.input_ids[i]), dtype=np.int64)
@@ -199,10 +200,12 @@ def _checked_masks(
         row = [int(m) for m in mask]
         if len(row) != len(ids):
             raise DataError(
-                f"row {int(indices[k])}: token mask has {len(row)} positions but the tokenised "
+                f"{row_label(int(indices[k]))}: token mask has {len(row)} positions but the tokenised "
                 f"row has {len(ids)}; the masks were made with another tokenizer or --max-length"
             )
         if any(m not in (0, 1) for m in row):
-            raise DataError(f"row {int(indices[k])}: a token mask holds values other than 0/1")
+            raise DataError(
+                f"{row_label(int(indices[k]))}: a token mask holds values other than 0/1"
+            )
         out.append(row)
     return out

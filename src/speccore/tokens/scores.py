@@ -27,18 +27,17 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..data.tokenized import (
     IGNORE_INDEX,
+    BatchLoop,
     TokenizedData,
-    collate,
     length_grouped_batches,
     sample_indices,
 )
 from ..errors import ConfigError, DataError, ScoringError
 from ..io import load_npz, save_npz
-from ..scoring.losses import eval_mode, forward, model_device, token_losses
+from ..scoring.losses import eval_mode, model_device, response_loss
 
 logger = logging.getLogger(__name__)
 
@@ -145,20 +144,17 @@ def token_losses_of(
     # Score every response token, whatever mask the data carries.
     plain = TokenizedData(data.input_ids, data.labels, data.pad_token_id)
     rows: list[np.ndarray] = [np.zeros(0, dtype=np.float32)] * len(idx)
-    device = model_device(model)
     plan = length_grouped_batches(data.lengths[idx], max_batch_tokens) if len(idx) else []
-    with (
-        eval_mode(model),
-        tqdm(total=len(idx), desc=desc, unit="sample", dynamic_ncols=True) as bar,
-    ):
-        for pos in plan:
-            batch = {k: v.to(device) for k, v in collate(plain, idx[pos]).items()}
-            for p, losses in zip(pos.tolist(), _batch_losses(model, batch), strict=True):
+    device = model_device(model)
+    with eval_mode(model), BatchLoop(plain, plan, indices=idx, device=device, desc=desc) as loop:
+        for batch in loop:
+            for p, losses in zip(
+                batch.rows.tolist(), _batch_losses(model, batch.tensors), strict=True
+            ):
                 _check_finite(
                     losses, int(idx[p]), starts_at_zero=data.labels[idx[p]][0] != IGNORE_INDEX
                 )
                 rows[p] = losses
-            bar.update(len(pos))
     return Ragged.from_rows(rows, np.float32)
 
 
@@ -171,15 +167,19 @@ def excess_loss(base: Ragged, tuned: Ragged) -> Ragged:
 
 
 def _batch_losses(model: nn.Module, batch: dict[str, torch.Tensor]) -> list[np.ndarray]:
-    """The response-token losses of each row of a right-padded batch."""
-    labels = batch["labels"]
+    """The response-token losses of each row of a right-padded batch, in label order.
+
+    :func:`response_loss` covers every counted label but one in column 0, which no logit
+    predicts: that one gets ``nan``.
+    """
     with torch.inference_mode():
-        ce, _ = token_losses(forward(model, batch).logits, labels)
-    # ce[:, t - 1] is the loss of token t: shift it right so that column t belongs to token t.
-    nan = torch.full((ce.shape[0], 1), float("nan"), dtype=ce.dtype, device=ce.device)
-    per_position = torch.cat([nan, ce], dim=1).cpu().numpy()
-    counted = (labels != IGNORE_INDEX).cpu().numpy()
-    return [per_position[b][counted[b]].astype(np.float32) for b in range(len(per_position))]
+        loss = response_loss(model, batch)
+        tokens, mask = loss.tokens.cpu().numpy(), loss.mask.cpu().numpy()
+        first = (batch["labels"][:, 0] != IGNORE_INDEX).cpu().numpy()
+    return [
+        np.concatenate([[np.nan] if first[b] else [], tokens[b][mask[b]]]).astype(np.float32)
+        for b in range(len(tokens))
+    ]
 
 
 def _check_finite(losses: np.ndarray, sample: int, starts_at_zero: bool) -> None:

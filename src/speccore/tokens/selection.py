@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..data import Formatting, format_rows
+from ..data import Formatting, format_rows, row_label
 from ..data.tokenized import TokenizedData
 from ..errors import ConfigError, DataError
 from ..io import write_json
@@ -257,7 +257,7 @@ class _Aligner:
         expected = _response_ids(slot.data, row)[:n]
         if ids[0][:n] != expected:
             raise DataError(
-                f"row {row}: the {slot.role} model's response tokens differ when tokenised "
+                f"{row_label(row)}: the {slot.role} model's response tokens differ when tokenised "
                 "alone; cannot align token scores"
             )
         return offsets[0][:n]

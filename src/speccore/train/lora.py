@@ -10,21 +10,29 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import random
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from tqdm.auto import tqdm
 
+from .. import interrupt
 from ..config import TrainSettings
-from ..data.tokenized import IGNORE_INDEX, TokenizedData, collate, length_grouped_batches
+from ..data.tokenized import IGNORE_INDEX, BatchLoop, TokenizedData, length_grouped_batches
 from ..errors import ConfigError, DataError, ModelError
+from ..io import atomic_path, fingerprint
 from ..models.lora import seeded
-from ..scoring.losses import accepts_logits_to_keep, kept_positions
+from ..scoring.losses import response_loss
 
 logger = logging.getLogger(__name__)
+
+#: The file :func:`finetune` keeps its state in, inside its ``checkpoint`` folder.
+CHECKPOINT_FILE = "finetune_state.pt"
 
 
 def finetune(
@@ -34,6 +42,10 @@ def finetune(
     *,
     max_batch_tokens: int | None = None,
     desc: str = "fine-tune",
+    checkpoint: str | os.PathLike[str] | None = None,
+    checkpoint_steps: int | None = None,
+    checkpoint_seconds: float | None = 30.0,
+    on_step: Callable[[int], None] | None = None,
 ) -> dict[str, float]:
     """Fine-tune the trainable (LoRA) parameters of ``model`` on ``data``; returns statistics.
 
@@ -43,18 +55,36 @@ def finetune(
     padded size by splitting a batch (same result, less memory). Dropout is seeded too, so the
     same settings give the same adapter bit for bit on the CPU. The model is left in eval mode.
 
+    With ``checkpoint`` (a folder), the state after an optimizer step (trainable weights,
+    optimizer and scheduler, the step, the RNG states of torch, numpy and Python, the losses so
+    far) is saved atomically to ``checkpoint/finetune_state.pt`` every ``checkpoint_steps``
+    steps and/or every ``checkpoint_seconds`` seconds (None: not by that measure), at the end,
+    and when a stop signal arrives inside :func:`speccore.interrupt.interruptible` (then
+    :class:`speccore.interrupt.Interrupted` is raised). A later call with the same model
+    (initial trainable weights), data and settings resumes from that step and gives the same
+    adapter, bit for bit, as an uninterrupted run; a state made for another fine-tune is
+    ignored. The folder does not identify the base model: use one per model. It is never
+    deleted here.
+
+    ``on_step(k)`` is called after optimizer step k (1-based) is applied, before that step's
+    checkpoint is saved, so a resumed run calls it again for every step it redoes (the
+    provider saves S2L's LoRA snapshots with it). It must not change the model or draw from
+    an RNG.
+
     Returns ``steps``, ``epochs``, ``samples``, ``tokens``, ``final_loss``, ``mean_loss``,
     ``seconds`` and ``tokens_per_s``.
     """
-    _validate(settings, max_batch_tokens)
+    _validate(settings, max_batch_tokens, checkpoint_steps, checkpoint_seconds)
     if settings.epochs == 0:
         return _stats(0, settings.epochs, 0, 0, [], 0.0)
     if len(data) == 0:
         raise DataError("no samples to fine-tune on: the training data is empty")
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not named:
         raise ModelError("model has no trainable parameters: attach a LoRA adapter first")
+    params = [p for _, p in named]
     plan = plan_steps(len(data), settings)
+    steps = _Steps.of(data, plan, max_batch_tokens)
     optimizer = torch.optim.AdamW(
         params, lr=settings.learning_rate, weight_decay=settings.weight_decay
     )
@@ -63,32 +93,59 @@ def finetune(
         optimizer, lambda step: lr_factor(step, len(plan), warmup)
     )
     device = next(model.parameters()).device
-    losses: list[float] = []
-    samples = tokens = 0
+    run = _Run(len(plan))
+    saver = None
+    if checkpoint is not None:
+        key = _checkpoint_key(named, data, settings, max_batch_tokens)
+        saver = _Checkpoint(
+            Path(checkpoint) / CHECKPOINT_FILE, key, checkpoint_steps, checkpoint_seconds
+        )
+    lengths = data.lengths
     start = time.perf_counter()
+    caller_rng = _host_rng_state()  # numpy and Python: restored when done, as seeded() does
     model.train()
     try:
-        with seeded(settings.seed, model), tqdm(total=len(plan), desc=desc, unit="step") as bar:
-            for step, batches in enumerate(plan):
-                chunks = _collate_step(data, batches, max_batch_tokens)
-                loss = _train_step(model, chunks, device, params, settings.max_grad_norm)
-                if loss is not None:
-                    if not math.isfinite(loss):
-                        raise ModelError(
-                            f"fine-tuning loss became {loss} at step {step}: lower "
-                            "--learning-rate or use --dtype float32"
+        with seeded(settings.seed, model):
+            if saver is not None:
+                saver.load(model, named, optimizer, scheduler, run)
+            done = frozenset(np.flatnonzero(steps.step_of < run.step).tolist())
+            with BatchLoop(
+                data, steps.pieces, device=device, skip=done, desc=desc, unit="sample"
+            ) as loop:
+                for batch in loop:
+                    step = int(steps.step_of[batch.number])
+                    run.samples += len(batch)
+                    run.tokens += int(lengths[batch.samples].sum())
+                    if steps.learned[batch.samples].any():  # else prompts only: no forward pass
+                        loss = response_loss(model, batch.tensors).total
+                        (loss / int(steps.tokens[step])).backward()
+                        run.step_loss += float(loss.detach())
+                    if steps.last_piece[step] == batch.number:
+                        _finish_step(
+                            optimizer, scheduler, params, settings, run, int(steps.tokens[step])
                         )
-                    optimizer.step()
-                    losses.append(loss)
-                    bar.set_postfix(loss=f"{loss:.4f}")
-                optimizer.zero_grad(set_to_none=True)
-                scheduler.step()
-                samples += sum(len(b) for b in batches)
-                tokens += sum(int(c["attention_mask"].sum()) for c in chunks)
-                bar.update(1)
+                        if on_step is not None:
+                            on_step(run.step)
+                        if run.losses:
+                            loop.set_postfix(loss=f"{run.losses[-1]:.4f}")
+                        if saver is not None:
+                            saver.maybe_save(named, optimizer, scheduler, run)
+                        interrupt.stop_point(
+                            lambda: _save_for_stop(saver, named, optimizer, scheduler, run),
+                            len(plan),
+                            "steps",
+                        )
+            if saver is not None:
+                saver.save(named, optimizer, scheduler, run)
+    except interrupt.Interrupted as e:
+        e.update(0 if saver is None else saver.saved_step, len(plan), "steps")
+        raise
     finally:
         model.eval()
-    stats = _stats(len(plan), settings.epochs, samples, tokens, losses, time.perf_counter() - start)
+        _set_host_rng_state(caller_rng)
+    stats = _stats(
+        len(plan), settings.epochs, run.samples, run.tokens, run.losses, time.perf_counter() - start
+    )
     logger.info("%s: %s", desc, stats)
     return stats
 
@@ -130,76 +187,261 @@ def lr_factor(step: int, total: int, warmup: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def _collate_step(
-    data: TokenizedData, batches: list[np.ndarray], max_batch_tokens: int | None
-) -> list[dict[str, torch.Tensor]]:
-    """Pad the step's batches, split into pieces of at most ``max_batch_tokens`` padded tokens."""
-    chunks: list[dict[str, torch.Tensor]] = []
-    lengths = data.lengths
-    for batch in batches:
-        if max_batch_tokens is None:
-            pieces = [batch]
-        else:
-            pieces = length_grouped_batches(lengths, max_batch_tokens, indices=batch)
-        chunks += [collate(data, piece) for piece in pieces]
-    return chunks
+@dataclass(frozen=True)
+class _Steps:
+    """Every forward pass of a fine-tune, in order, and what the optimizer steps need."""
+
+    pieces: list[np.ndarray]  # sample indices of each forward pass
+    step_of: np.ndarray  # the optimizer step of each piece
+    last_piece: dict[int, int]  # step -> the number of its last piece
+    learned: np.ndarray  # per sample: the tokens its loss learns (see _learned_tokens)
+    tokens: np.ndarray  # per step: the tokens its loss learns (its mean's denominator)
+
+    @classmethod
+    def of(
+        cls, data: TokenizedData, plan: list[list[np.ndarray]], max_batch_tokens: int | None
+    ) -> _Steps:
+        """A step's batches, split into pieces of at most ``max_batch_tokens`` padded tokens."""
+        lengths = data.lengths
+        pieces: list[np.ndarray] = []
+        step_of: list[int] = []
+        for step, batches in enumerate(plan):
+            for batch in batches:
+                if max_batch_tokens is None:
+                    split = [batch]
+                else:
+                    split = length_grouped_batches(lengths, max_batch_tokens, indices=batch)
+                pieces += split
+                step_of += [step] * len(split)
+        learned = _learned_tokens(data)
+        tokens = np.zeros(len(plan), dtype=np.int64)
+        np.add.at(tokens, step_of, [int(learned[p].sum()) for p in pieces])
+        last_piece = {s: i for i, s in enumerate(step_of)}
+        return cls(pieces, np.array(step_of, dtype=np.int64), last_piece, learned, tokens)
 
 
-def _train_step(
-    model: Any,
-    chunks: list[dict[str, torch.Tensor]],
-    device: torch.device,
+def _learned_tokens(data: TokenizedData) -> np.ndarray:
+    """Per sample, the tokens the loss learns: counted labels (after the token mask) past
+    position 0, which no logit predicts."""
+    counts = np.zeros(len(data), dtype=np.int64)
+    for i, labels in enumerate(data.labels):
+        mask = data.token_masks[i] if data.token_masks is not None else None
+        counts[i] = sum(
+            1
+            for t, label in enumerate(labels)
+            if t > 0 and label != IGNORE_INDEX and (mask is None or mask[t])
+        )
+    return counts
+
+
+@dataclass
+class _Run:
+    """What a fine-tune has done so far (saved with its checkpoint)."""
+
+    n_steps: int
+    step: int = 0  # optimizer steps done
+    losses: list[float] = field(default_factory=list)
+    samples: int = 0
+    tokens: int = 0
+    step_loss: float = 0.0  # summed token loss of the step in progress
+
+
+def _finish_step(
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
     params: list[torch.nn.Parameter],
-    max_grad_norm: float,
-) -> float | None:
-    """Forward and backward every chunk, normalised by the step's response tokens; clip.
-
-    Returns the step's mean token loss, or None when the step has no response token to learn.
-    """
-    n_tokens = sum(int((c["labels"][:, 1:] != IGNORE_INDEX).sum()) for c in chunks)
+    settings: TrainSettings,
+    run: _Run,
+    n_tokens: int,
+) -> None:
+    """Clip, step the optimizer (if the step had ``n_tokens`` to learn) and the schedule."""
+    step = run.step
     if n_tokens == 0:
         logger.debug("skipping a step without response tokens")
-        return None
-    total = torch.zeros((), device=device)
-    for chunk in chunks:
-        if not (chunk["labels"][:, 1:] != IGNORE_INDEX).any():
-            continue  # a piece of prompts only: nothing to learn, skip its forward pass
-        loss_sum = _loss_sum(model, {k: v.to(device) for k, v in chunk.items()})
-        (loss_sum / n_tokens).backward()
-        total += loss_sum.detach()
-    if max_grad_norm > 0:
-        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-    return float(total) / n_tokens
+    else:
+        loss = run.step_loss / n_tokens
+        if not math.isfinite(loss):
+            raise ModelError(
+                f"fine-tuning loss became {loss} at step {step}: lower "
+                "--learning-rate or use --dtype float32"
+            )
+        if settings.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
+        optimizer.step()
+        run.losses.append(loss)
+    optimizer.zero_grad(set_to_none=True)
+    scheduler.step()
+    run.step, run.step_loss = step + 1, 0.0
 
 
-def _loss_sum(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Summed next-token cross-entropy over the response tokens of one padded batch.
-
-    Logits (and their gradient) are computed only over the response window, the trailing
-    positions that hold every response token of the batch, when the model accepts
-    ``logits_to_keep``: with a large vocabulary the lm_head outweighs the rest of the network.
-    """
-    labels = batch["labels"]
-    length = labels.shape[1]
-    keep = kept_positions(labels)
-    extra = {"logits_to_keep": keep} if keep < length and accepts_logits_to_keep(model) else {}
-    logits = model(
-        input_ids=batch["input_ids"],
-        attention_mask=batch["attention_mask"],
-        use_cache=False,
-        **extra,
-    ).logits
-    # The logits at window position t predict labels[:, length - keep + t + 1]; a model without
-    # logits_to_keep returned every position, so align it by slicing (a view).
-    logits = logits[:, logits.shape[1] - keep :]
-    targets = labels[:, length - keep + 1 :]
-    keep_mask = targets != IGNORE_INDEX
-    # Only response positions go through the float32 softmax: prompts can be most of a batch.
-    picked = logits[:, :-1][keep_mask].float()
-    return F.cross_entropy(picked, targets[keep_mask], reduction="sum")
+def _save_for_stop(
+    saver: _Checkpoint | None,
+    named: list[tuple[str, torch.nn.Parameter]],
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    run: _Run,
+) -> int:
+    """Save for a requested stop; the steps now on disk (0 without a checkpoint)."""
+    if saver is None:
+        return 0
+    saver.save(named, optimizer, scheduler, run)
+    return saver.saved_step
 
 
-def _validate(settings: TrainSettings, max_batch_tokens: int | None) -> None:
+class _Checkpoint:
+    """The fine-tune's state file: when to write it, writing it, and resuming from it."""
+
+    def __init__(self, path: Path, key: str, steps: int | None, seconds: float | None) -> None:
+        self.path, self.key = path, key
+        self.steps, self.seconds = steps, seconds
+        self.saved_step = 0
+        self.last_save = time.monotonic()
+
+    def maybe_save(
+        self,
+        named: list[tuple[str, torch.nn.Parameter]],
+        optimizer: torch.optim.Optimizer,
+        scheduler: Any,
+        run: _Run,
+    ) -> None:
+        by_steps = self.steps is not None and run.step - self.saved_step >= self.steps
+        by_time = self.seconds is not None and time.monotonic() - self.last_save >= self.seconds
+        if by_steps or by_time:
+            self.save(named, optimizer, scheduler, run)
+
+    def save(
+        self,
+        named: list[tuple[str, torch.nn.Parameter]],
+        optimizer: torch.optim.Optimizer,
+        scheduler: Any,
+        run: _Run,
+    ) -> None:
+        if run.step == self.saved_step and self.path.exists():
+            return
+        state = {
+            "key": self.key,
+            "step": run.step,
+            "weights": {n: p.detach().cpu().clone() for n, p in named},
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "rng": _rng_state(named),
+            "losses": list(run.losses),
+            "samples": run.samples,
+            "tokens": run.tokens,
+        }
+        with atomic_path(self.path) as tmp:
+            torch.save(state, tmp)
+        self.saved_step = run.step
+        self.last_save = time.monotonic()
+        interrupt.report(run.step, run.n_steps, "steps")
+        logger.debug("fine-tune checkpoint %s: step %d", self.path, run.step)
+
+    def load(
+        self,
+        model: Any,
+        named: list[tuple[str, torch.nn.Parameter]],
+        optimizer: torch.optim.Optimizer,
+        scheduler: Any,
+        run: _Run,
+    ) -> None:
+        """Take over a state saved by this very fine-tune, if there is one."""
+        if not self.path.exists():
+            return
+        try:
+            state = torch.load(self.path, map_location="cpu", weights_only=True)
+            key, step = str(state["key"]), int(state["step"])
+        except (OSError, RuntimeError, ValueError, KeyError, EOFError) as e:
+            logger.warning("ignoring unreadable fine-tune checkpoint %s: %s", self.path, e)
+            return
+        if key != self.key or not 0 < step <= run.n_steps:
+            logger.info("ignoring fine-tune checkpoint %s: made for another fine-tune", self.path)
+            return
+        with torch.no_grad():
+            for name, p in named:
+                p.copy_(state["weights"][name])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        _set_rng_state(state["rng"], named)
+        run.step, run.losses = step, [float(x) for x in state["losses"]]
+        run.samples, run.tokens = int(state["samples"]), int(state["tokens"])
+        self.saved_step = step
+        interrupt.report(step, run.n_steps, "steps")
+        logger.info("resumed fine-tune at step %d of %d from %s", step, run.n_steps, self.path)
+
+
+def _checkpoint_key(
+    named: list[tuple[str, torch.nn.Parameter]],
+    data: TokenizedData,
+    settings: TrainSettings,
+    max_batch_tokens: int | None,
+) -> str:
+    """What a resumable state must match: the initial trainable weights (names, dtypes,
+    values), the data with its token masks, the settings and the batching."""
+    weights = [
+        (n, str(p.dtype), p.detach().cpu().contiguous().view(torch.uint8).numpy()) for n, p in named
+    ]
+    masks = data.token_masks
+    mask_fp = None if masks is None else fingerprint([np.asarray(m, np.int8) for m in masks])
+    return fingerprint(
+        "finetune-checkpoint",
+        [(n, d) for n, d, _ in weights],
+        *[w for _, _, w in weights],
+        data.fingerprint(),
+        mask_fp,
+        vars(settings),
+        max_batch_tokens,
+    )
+
+
+def _cuda_devices(named: list[tuple[str, torch.nn.Parameter]]) -> list[int]:
+    return sorted({p.device.index or 0 for _, p in named if p.device.type == "cuda"})
+
+
+def _rng_state(named: list[tuple[str, torch.nn.Parameter]]) -> dict[str, Any]:
+    """Every RNG a resumed run must continue: torch (CPU, and the model's CUDA devices, which
+    dropout draws from), numpy's and Python's global ones."""
+    np_state: Any = np.random.get_state()  # the legacy tuple (MT19937 keys, pos, gauss)
+    return {
+        "torch": torch.random.get_rng_state(),
+        "cuda": {d: torch.cuda.get_rng_state(d) for d in _cuda_devices(named)},
+        "numpy": {
+            "keys": torch.from_numpy(np.asarray(np_state[1], dtype=np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "gauss": float(np_state[4]),
+        },
+        "python": random.getstate(),
+    }
+
+
+def _set_rng_state(state: dict[str, Any], named: list[tuple[str, torch.nn.Parameter]]) -> None:
+    torch.random.set_rng_state(state["torch"])
+    for d, s in state["cuda"].items():
+        if d in _cuda_devices(named):
+            torch.cuda.set_rng_state(s, d)
+    _set_host_rng_state((_numpy_state(state["numpy"]), state["python"]))
+
+
+def _numpy_state(saved: dict[str, Any]) -> tuple[Any, ...]:
+    keys = saved["keys"].numpy().astype(np.uint32)
+    return ("MT19937", keys, saved["pos"], saved["has_gauss"], saved["gauss"])
+
+
+def _host_rng_state() -> tuple[Any, Any]:
+    return np.random.get_state(), random.getstate()
+
+
+def _set_host_rng_state(state: tuple[Any, Any]) -> None:
+    np.random.set_state(state[0])
+    random.setstate(state[1])
+
+
+def _validate(
+    settings: TrainSettings,
+    max_batch_tokens: int | None,
+    checkpoint_steps: int | None,
+    checkpoint_seconds: float | None,
+) -> None:
     if settings.epochs < 0 or not math.isfinite(settings.epochs):
         raise ConfigError(f"fine-tune epochs must be >= 0, got {settings.epochs}")
     if settings.batch_size < 1:
@@ -212,6 +454,10 @@ def _validate(settings: TrainSettings, max_batch_tokens: int | None) -> None:
         raise ConfigError(f"--warmup-ratio must be in [0, 1], got {settings.warmup_ratio}")
     if max_batch_tokens is not None and max_batch_tokens < 1:
         raise ConfigError(f"--max-batch-tokens must be >= 1, got {max_batch_tokens}")
+    if checkpoint_steps is not None and checkpoint_steps < 1:
+        raise ConfigError(f"checkpoint_steps must be >= 1 or None, got {checkpoint_steps}")
+    if checkpoint_seconds is not None and not checkpoint_seconds > 0:
+        raise ConfigError(f"checkpoint_seconds must be > 0 or None, got {checkpoint_seconds}")
 
 
 def _stats(

@@ -1,0 +1,411 @@
+"""How well does a small model derived from the target agree with it, and at what cost?
+
+For each task (UI translation, DialogSum) and target (``smollm2-135m``, ``gemma-3-270m``), and
+each derived small model (``speccore.derive``: a fraction of the target's layers, uniform or
+block-influence, healed or not), this measures over *all* rows, both models untuned (a fresh
+LoRA adapter, as STAFF's agreement check and ``speccore agree`` score them):
+
+* Spearman of effort and of loss between the small model's and the target's scores;
+* the Rand index of the K = 10 equal-width regions each model's scores induce;
+* cost: the small model's scoring seconds (effort + loss, all rows) and its one-epoch LoRA
+  fine-tune (STAFF's T = 1) estimated from a timed fine-tune on 16 rows scaled by tokens,
+  against the same for the target; plus the derivation's own seconds (block influence and
+  healing), paid once per task and cached.
+
+The cross-family pair (SmolLM2-135M scoring for Gemma-3-270M) sits in the same table. Each
+model is scored once (:func:`speccore.agree.score_rows`) and compared with
+:func:`speccore.agree.compare`, the two halves of :func:`speccore.agree.agreement`.
+
+The work runs in priority order under a time budget (``--budget-min``); what does not fit is
+listed in the results as ``skipped``, so a cut is never silent. Results are written after every
+item to ``benchmarks/results/derive_agreement.json`` and ``.md``.
+
+    OMP_NUM_THREADS=2 nice -n 10 .venv/bin/python benchmarks/derive_agreement.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from common import RESULTS, machine_info, table
+from speccore.agree import ScoredRows, compare, sample_rows, score_rows
+from speccore.config import LoraSettings, TrainSettings
+from speccore.data import Formatting, tokenize_dataset
+from speccore.data.tokenized import TokenizedData
+from speccore.derive import DeriveSettings, derive_model, read_derivation
+from speccore.models import LoadedModel, attach_lora, detach_lora, load_model
+from speccore.train import finetune
+
+logger = logging.getLogger("derive_agreement")
+Item = tuple[str, float, Callable[[], None]]
+ROOT = Path(__file__).resolve().parents[1]
+TARGETS = ("smollm2-135m", "gemma-3-270m")
+LORA = LoraSettings(r=8, alpha=16, dropout=0.05)  # the mini benches' adapter
+TRAIN = TrainSettings(epochs=1, learning_rate=2e-4, batch_size=8)  # STAFF's small fine-tune, T=1
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    path: Path
+    template: str
+    output_field: str
+    max_length: int
+    random_rows: bool  # draw rows at random (a sorted file) or take the first ones
+
+
+TASKS = {
+    "ui": Task(
+        "UI translation",
+        ROOT.parent / "shared/data/ui-translation-de/train.jsonl.gz",
+        "Translate from English to German.\nEnglish: {source}\nGerman: ",
+        "target",
+        128,
+        True,
+    ),
+    "dialogsum": Task(
+        "DialogSum",
+        ROOT / "demo/dialogsum-train-150.jsonl",
+        "Summarize the dialogue.\n{dialogue}\nSummary: ",
+        "summary",
+        384,
+        False,
+    ),
+}
+
+
+class Campaign:
+    """Targets loaded once, every model scored once, rows of the table appended as they come."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.start = time.perf_counter()
+        self.targets: dict[str, LoadedModel] = {}
+        self.data: dict[tuple[str, str], TokenizedData] = {}
+        self.scored: dict[tuple[str, str], ScoredRows] = {}
+        self.finetune_s: dict[tuple[str, str, int], float] = {}
+        self.rows: list[dict[str, Any]] = []
+        self.skipped: list[str] = []
+        self.datasets: dict[str, Any] = {}
+
+    # --- plumbing ------------------------------------------------------------------------
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def run(self, label: str, need_s: float, fn: Callable[[], None]) -> None:
+        """Run one item unless fewer than ``need_s`` seconds of the budget are left."""
+        left = self.args.budget_min * 60 - self.elapsed()
+        if left < need_s:
+            logger.warning("skipped (%.0f s left, needs ~%.0f s): %s", left, need_s, label)
+            self.skipped.append(label)
+            self.write()
+            return
+        t = time.perf_counter()
+        logger.info("[%.0f s] %s", self.elapsed(), label)
+        try:
+            fn()
+        except Exception as err:  # one failed item must not lose the others
+            logger.exception("failed: %s", label)
+            self.skipped.append(f"{label} (failed: {type(err).__name__}: {err})")
+        else:
+            logger.info("done in %.0f s: %s", time.perf_counter() - t, label)
+        self.write()
+
+    def target(self, name: str) -> LoadedModel:
+        if name not in self.targets:
+            self.targets[name] = load_model(name, dtype="float32", device="cpu")
+        return self.targets[name]
+
+    def dataset(self, task: str) -> Any:
+        if task not in self.datasets:
+            rows = self.args.ui_rows if task == "ui" else self.args.dialogsum_rows
+            self.datasets[task] = load_task_rows(TASKS[task], rows)
+        return self.datasets[task]
+
+    def tokens(self, task: str, target: str) -> TokenizedData:
+        key = (task, target)
+        if key not in self.data:
+            spec = TASKS[task]
+            fmt = Formatting(template=spec.template, output_field=spec.output_field)
+            self.data[key] = tokenize_dataset(
+                self.dataset(task), self.target(target).tokenizer, fmt, spec.max_length
+            )
+        return self.data[key]
+
+    def score(self, loaded: LoadedModel, data: TokenizedData) -> ScoredRows:
+        return score_rows(
+            loaded,
+            data,
+            rows=len(data),
+            seed=0,
+            lora=LORA,
+            max_batch_tokens=self.args.max_batch_tokens,
+        )
+
+    def finetune_seconds(self, loaded: LoadedModel, data: TokenizedData) -> float:
+        """One epoch of STAFF's LoRA fine-tune on all rows, estimated: a fine-tune of 16 rows
+        (2 steps of 8; the model has just scored, so one-off costs are paid) scaled by the
+        rows' tokens."""
+        rows = sample_rows(len(data), 16, seed=0)
+        sub = data.subset(rows)
+        model = attach_lora(loaded.model, LORA, seed=0)
+        try:
+            t = time.perf_counter()
+            finetune(model, sub, TRAIN, max_batch_tokens=2048, desc="timed fine-tune")
+            seconds = time.perf_counter() - t
+        finally:
+            detach_lora(model)
+        return seconds * float(data.lengths.sum()) / float(sub.lengths.sum())
+
+    # --- items ---------------------------------------------------------------------------
+
+    def score_target(self, task: str, target: str) -> None:
+        loaded, data = self.target(target), self.tokens(task, target)
+        self.scored[(task, target)] = self.score(loaded, data)
+        layers = int(loaded.model.config.get_text_config().num_hidden_layers)
+        self.finetune_s[(task, target, layers)] = self.finetune_seconds(loaded, data)
+
+    def cross_family(self, task: str) -> None:
+        small, target = self.args.targets
+        report = compare(self.scored[(task, small)], self.scored[(task, target)], regions=10)
+        s_layers, t_layers = (
+            int(self.target(n).model.config.get_text_config().num_hidden_layers)
+            for n in self.args.targets
+        )
+        self.rows.append(
+            self.row(task, target, small, f"{s_layers}/{t_layers}", "-", 0, report, None)
+            | {
+                "small_finetune_s": self.finetune_s[(task, small, s_layers)],
+                "target_finetune_s": self.finetune_s[(task, target, t_layers)],
+            }
+        )
+
+    def derived(self, task: str, target: str, settings: DeriveSettings) -> None:
+        loaded, data = self.target(target), self.tokens(task, target)
+        folder = derive_model(
+            loaded, settings=settings, data=data, max_batch_tokens=self.args.heal_batch_tokens
+        )
+        record = read_derivation(folder)
+        assert record is not None
+        small = load_model(str(folder), dtype="float32", device="cpu")
+        small_rows = self.score(small, data)
+        report = compare(small_rows, self.scored[(task, target)], regions=10)
+        kept = int(record["num_hidden_layers"])
+        total = int(record["target"]["num_hidden_layers"])
+        if (task, target, kept) not in self.finetune_s:
+            self.finetune_s[(task, target, kept)] = self.finetune_seconds(small, data)
+        row = self.row(
+            task,
+            target,
+            f"derive:{settings.layers:.2g}",
+            f"{kept}/{total}",
+            settings.layer_selection,
+            settings.heal_steps,
+            report,
+            record,
+        )
+        row["small_finetune_s"] = self.finetune_s[(task, target, kept)]
+        row["target_finetune_s"] = self.finetune_s[(task, target, total)]
+        self.rows.append(row)
+
+    def row(
+        self,
+        task: str,
+        target: str,
+        small: str,
+        layers: str,
+        selection: str,
+        heal: int,
+        report: Any,
+        record: dict[str, Any] | None,
+    ) -> dict[str, Any]:
+        heal_record = (record or {}).get("heal", {})
+        return {
+            "task": task,
+            "target": target,
+            "small": small,
+            "layers": layers,
+            "selection": selection,
+            "heal_steps": heal,
+            "rows": report.rows,
+            "spearman_effort": report.spearman.get("effort"),
+            "spearman_loss": report.spearman.get("loss"),
+            "rand_effort": report.rand_index.get("effort"),
+            "rand_loss": report.rand_index.get("loss"),
+            "same_family": report.same_family,
+            "small_scoring_s": report.small_seconds,
+            "target_scoring_s": report.target_seconds,
+            "small_tokens": report.small_tokens,
+            "target_tokens": report.target_tokens,
+            "kl_before": heal_record.get("kl_before"),
+            "kl_after": heal_record.get("kl_after"),
+            "derive_s": (record or {}).get("seconds", {}).get("total"),
+            "heal_s": heal_record.get("seconds"),
+            "kept_layers": (record or {}).get("kept_layers"),
+        }
+
+    # --- output --------------------------------------------------------------------------
+
+    def write(self) -> None:
+        from speccore.io import atomic_open, write_json
+
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        payload = {
+            "benchmark": "derive_agreement",
+            "machine": machine_info("cpu"),
+            "args": vars(self.args),
+            "elapsed_s": self.elapsed(),
+            "rows": self.rows,
+            "skipped": self.skipped,
+        }
+        write_json(RESULTS / f"{self.args.name}.json", payload)
+        with atomic_open(RESULTS / f"{self.args.name}.md") as f:
+            f.write(markdown(self.rows, self.skipped, self.elapsed()))
+
+
+def load_task_rows(task: Task, n: int) -> Any:
+    import datasets
+
+    opener = gzip.open if task.path.suffix == ".gz" else open
+    with opener(task.path, "rt", encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    if task.random_rows:  # the file is sorted: a seeded random sample, in file order
+        idx = np.sort(np.random.default_rng(0).choice(len(rows), n, replace=False))
+        rows = [rows[i] for i in idx]
+    else:
+        rows = rows[:n]
+    return datasets.Dataset.from_list(rows)
+
+
+def cost_ratio(row: dict[str, Any]) -> float:
+    small = row["small_finetune_s"] + row["small_scoring_s"]
+    return small / (row["target_finetune_s"] + row["target_scoring_s"])
+
+
+def markdown(rows: list[dict[str, Any]], skipped: list[str], elapsed: float) -> str:
+    header = ["task", "target", "small", "layers", "select", "heal", "ρ effort", "ρ loss",
+              "RI effort", "RI loss", "KL before→after", "derive s", "small ft+score s",
+              "target ft+score s", "cost ratio"]  # fmt: skip
+    body = []
+    for r in rows:
+        kl = "-" if r["kl_before"] is None else f"{r['kl_before']:.2f}→{r['kl_after']:.2f}"
+        body.append(
+            [
+                r["task"],
+                r["target"],
+                r["small"],
+                r["layers"],
+                r["selection"],
+                r["heal_steps"],
+                _num(r["spearman_effort"]),
+                _num(r["spearman_loss"]),
+                _num(r["rand_effort"]),
+                _num(r["rand_loss"]),
+                kl,
+                "-" if r["derive_s"] is None else f"{r['derive_s']:.0f}",
+                f"{r['small_finetune_s']:.0f}+{r['small_scoring_s']:.0f}",
+                f"{r['target_finetune_s']:.0f}+{r['target_scoring_s']:.0f}",
+                f"{cost_ratio(r):.2f}",
+            ]
+        )
+    lines = [
+        "# Derived small models: agreement with the target and cost",
+        "",
+        "Both models untuned (fresh LoRA r=8), all rows scored; ρ: Spearman; RI: Rand index of",
+        "K = 10 equal-width regions. ft: one-epoch LoRA fine-tune (estimated from 16 timed rows,",
+        "scaled by tokens); score: effort + loss over all rows; seconds on a shared 2-core CPU.",
+        "cost ratio: small (ft + score) / target (ft + score); derive s: layer choice + healing,",
+        f"once per task (cached). Elapsed {elapsed / 60:.1f} min.",
+        "",
+        "```",
+        table(header, body),
+        "```",
+    ]
+    if skipped:
+        lines += ["", "Skipped for the time budget:", *[f"- {s}" for s in skipped]]
+    return "\n".join(lines) + "\n"
+
+
+def _num(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--budget-min", type=float, default=37.0)
+    parser.add_argument("--heal-steps", type=int, default=48)
+    parser.add_argument("--heal-lr", type=float, default=2e-4)
+    parser.add_argument("--max-batch-tokens", type=int, default=2048)
+    parser.add_argument("--heal-batch-tokens", type=int, default=1024)
+    parser.add_argument("--ui-rows", type=int, default=300)
+    parser.add_argument("--dialogsum-rows", type=int, default=150)
+    parser.add_argument("--targets", nargs=2, default=list(TARGETS), help="small-family, other")
+    parser.add_argument("--name", default="derive_agreement", help="results file name")
+    args = parser.parse_args()
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    import torch
+
+    torch.set_num_threads(2)
+    c = Campaign(args)
+
+    def variant(layers: float, selection: str, heal: int) -> DeriveSettings:
+        return DeriveSettings(
+            layers=layers, layer_selection=selection, heal_steps=heal, heal_lr=args.heal_lr
+        )  # type: ignore[arg-type]
+
+    half, third = 0.5, 1 / 3
+    heal = args.heal_steps
+
+    def scores(task: str) -> list[Item]:
+        need = 60 if task == "ui" else 120
+        items: list[Item] = [
+            (f"{task}: score {t}", need, lambda t=t: c.score_target(task, t)) for t in args.targets
+        ]
+        return [*items, (f"{task}: cross-family", 0, lambda: c.cross_family(task))]
+
+    def derived(task: str, frac: float, selections: tuple[str, ...], steps: int) -> list[Item]:
+        need = 300 if steps else 60
+        return [
+            (
+                f"{task}: {t} {frac:.2f} {s} heal {steps}",
+                need,
+                lambda t=t, s=s: c.derived(task, t, variant(frac, s, steps)),
+            )
+            for t in args.targets
+            for s in selections
+        ]
+
+    both = ("uniform", "block-influence")
+    # Priority order: what matters most first; the budget cuts from the end.
+    plan = [
+        *scores("ui"),
+        *derived("ui", half, both, 0),
+        *derived("ui", half, ("uniform",), heal),
+        *derived("ui", third, both, 0),
+        *scores("dialogsum"),
+        *derived("dialogsum", third, both, 0),
+        *derived("ui", third, ("uniform",), heal),
+        *derived("dialogsum", half, both, 0),
+        *derived("ui", half, ("block-influence",), heal),
+    ]
+    for label, need, fn in plan:
+        c.run(label, need, fn)
+    c.write()
+    print(markdown(c.rows, c.skipped, c.elapsed()))
+
+
+if __name__ == "__main__":
+    main()

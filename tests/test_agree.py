@@ -1,0 +1,209 @@
+"""The small/target agreement check: Spearman, Rand index of regions, cost per token."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from conftest import make_rows
+from speccore.agree import (
+    AgreementReport,
+    agreement,
+    compare,
+    rand_index,
+    rand_index_labels,
+    sample_rows,
+    score_rows,
+    spearman_rho,
+)
+from speccore.data.tokenize import tokenize_pairs
+from speccore.data.tokenized import TokenizedData
+from speccore.errors import ConfigError, DataError
+from speccore.models import LoadedModel, load_model
+from speccore.selection.regions import equal_width_regions
+
+
+def rows_data(tokenizer: Any, n: int = 16) -> TokenizedData:
+    rows = make_rows(n, seed=3)
+    prompts = [r["dialogue"] for r in rows]
+    return tokenize_pairs(tokenizer, prompts, [r["summary"] for r in rows], 64)
+
+
+@pytest.fixture(scope="module")
+def small(model_dirs: dict[str, Path]) -> LoadedModel:
+    return load_model(str(model_dirs["small"]))
+
+
+@pytest.fixture(scope="module")
+def target(model_dirs: dict[str, Path]) -> LoadedModel:
+    return load_model(str(model_dirs["target"]))
+
+
+def brute_force_rand(a: np.ndarray, b: np.ndarray) -> float:
+    pairs = list(itertools.combinations(range(len(a)), 2))
+    agree = sum((a[i] == a[j]) == (b[i] == b[j]) for i, j in pairs)
+    return agree / len(pairs)
+
+
+def test_rand_index_labels_matches_pair_counting() -> None:
+    rng = np.random.default_rng(0)
+    for n, k in [(2, 2), (7, 3), (30, 5), (41, 10)]:
+        a, b = rng.integers(0, k, n), rng.integers(0, k, n)
+        assert rand_index_labels(a, b) == pytest.approx(brute_force_rand(a, b))
+    same = rng.integers(0, 4, 20)
+    assert rand_index_labels(same, same) == 1.0
+    assert rand_index_labels(same, same + 7) == 1.0  # only the partition counts, not the ids
+
+
+def test_rand_index_of_equal_width_regions() -> None:
+    rng = np.random.default_rng(1)
+    small, target = rng.normal(size=50), rng.normal(size=50)
+    expected = brute_force_rand(equal_width_regions(small, 4), equal_width_regions(target, 4))
+    assert rand_index(small, target, 4) == pytest.approx(expected)
+    # A monotone rescaling keeps every region: Rand index 1.
+    assert rand_index(small, 3 * small + 2, 10) == 1.0
+    assert rand_index(small[:1], target[:1], 10) is None
+    with pytest.raises(ValueError):
+        rand_index(small, target[:10], 4)
+
+
+def test_spearman_rho() -> None:
+    x = np.array([1.0, 3.0, 2.0, 5.0])
+    assert spearman_rho(x, x**3) == pytest.approx(1.0)
+    assert spearman_rho(x, -x) == pytest.approx(-1.0)
+    assert spearman_rho(x, np.ones(4)) is None
+
+
+def test_sample_rows_is_seeded_and_distinct() -> None:
+    a = sample_rows(100, 20, seed=5)
+    assert len(a) == len(set(a.tolist())) == 20 and np.all(np.diff(a) > 0)
+    assert np.array_equal(a, sample_rows(100, 20, seed=5))
+    assert not np.array_equal(a, sample_rows(100, 20, seed=6))
+    assert np.array_equal(sample_rows(10, 20, seed=5), np.arange(10))
+
+
+def test_a_model_agrees_perfectly_with_itself(small: LoadedModel) -> None:
+    data = rows_data(small.tokenizer)
+    report = agreement(small, small, data, rows=10, regions=3, seed=1)
+    assert report.rows == 10 and report.same_family
+    for score in ("effort", "loss"):
+        assert report.spearman[score] == pytest.approx(1.0)
+        assert report.rand_index[score] == 1.0
+        assert report.small_scores[score] == report.target_scores[score]
+    # The fresh adapter is removed again: the model is plain afterwards.
+    assert not any("lora_" in n for n, _ in small.model.named_parameters())
+
+
+def test_agreement_of_a_tiny_pair_is_in_range(small: LoadedModel, target: LoadedModel) -> None:
+    data = rows_data(small.tokenizer)
+    report = agreement(small, target, data, rows=12, regions=4, seed=2, max_batch_tokens=128)
+    assert isinstance(report, AgreementReport)
+    assert report.indices == sample_rows(len(data), 12, 2).tolist()
+    for score in ("effort", "loss"):
+        rho = report.spearman[score]
+        assert rho is not None and -1.0 <= rho <= 1.0
+        rand = report.rand_index[score]
+        assert rand is not None and 0.0 <= rand <= 1.0
+        assert len(report.small_scores[score]) == 12
+        assert report.small_scores[score] != report.target_scores[score]
+    assert report.small_seconds > 0 and report.target_seconds > 0
+    assert report.small_tokens == report.target_tokens == int(data.lengths[report.indices].sum())
+    assert report.cost_ratio == pytest.approx(report.small_seconds / report.target_seconds)
+    text = report.format()
+    assert "Spearman" in text and "effort" in text and "loss" in text and "same family" in text
+    assert report.to_dict()["cost_ratio"] == report.cost_ratio
+
+
+def test_score_once_and_compare_is_agreement(small: LoadedModel, target: LoadedModel) -> None:
+    data = rows_data(small.tokenizer)
+    small_rows = score_rows(small, data, rows=8, seed=1, max_batch_tokens=128)
+    target_rows = score_rows(target, data, rows=8, seed=1)
+    report = compare(small_rows, target_rows, regions=3)
+    direct = agreement(small, target, data, rows=8, regions=3, seed=1)
+    assert report.indices == direct.indices and report.seed == 1
+    for score in ("effort", "loss"):
+        np.testing.assert_allclose(report.small_scores[score], direct.small_scores[score])
+        assert report.spearman[score] == pytest.approx(direct.spearman[score])
+        assert report.rand_index[score] == direct.rand_index[score]
+    with pytest.raises(DataError, match="different rows"):
+        compare(small_rows, score_rows(target, data, rows=8, seed=2, scores=["loss"]))
+    with pytest.raises(ConfigError, match="--regions"):
+        compare(small_rows, target_rows, regions=0)
+
+
+def test_agreement_by_name_and_loss_only(model_dirs: dict[str, Path], small: LoadedModel) -> None:
+    data = rows_data(small.tokenizer)
+    report = agreement(
+        str(model_dirs["small"]), str(model_dirs["target"]), data, rows=6, scores=["loss"]
+    )
+    assert list(report.spearman) == ["loss"] and report.rows == 6
+
+
+def test_cross_family_needs_data_per_model(model_dirs: dict[str, Path], small: LoadedModel) -> None:
+    other = load_model(str(model_dirs["other"]))
+    with pytest.raises(ConfigError, match="different tokenizers"):
+        agreement(small, other, rows_data(small.tokenizer), rows=4)
+    with pytest.warns(UserWarning, match="different tokenizers"):
+        report = agreement(small, other, rows_data, rows=5, scores=["loss"])
+    assert not report.same_family and report.rows == 5
+    assert report.small_tokens != report.target_tokens
+    assert "DIFFERENT families" in report.format()
+
+
+def test_bad_arguments(small: LoadedModel) -> None:
+    data = rows_data(small.tokenizer)
+    with pytest.raises(ConfigError, match="--rows"):
+        agreement(small, small, data, rows=1)
+    with pytest.raises(ConfigError, match="--regions"):
+        agreement(small, small, data, regions=0)
+    with pytest.raises(DataError, match="same rows"):
+        agreement(small, small, (data, data.subset(range(5))), rows=4)
+
+
+def test_agree_command(
+    model_dirs: dict[str, Path], jsonl_data: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from speccore.cli import main
+
+    data_flags = ["--data", str(jsonl_data), "--input-field", "dialogue",
+                  "--output-field", "summary", "--max-length", "64"]  # fmt: skip
+    models = ["--small", str(model_dirs["small"]), "--target", str(model_dirs["target"])]
+    assert main(["agree", *models, *data_flags, "--rows", "8", "--regions", "3"]) == 0
+    printed = capsys.readouterr().out
+    assert "Spearman" in printed and "Rand index" in printed and "8 rows" in printed
+    assert "K = 3" in printed and "same family" in printed
+
+    # A derived small model: built from the target on the data, then compared.
+    derived = ["--small", "derive:1,heal_steps=1", "--target", str(model_dirs["target"])]
+    assert main(["agree", *derived, *data_flags, "--rows", "5"]) == 0
+    assert "5 rows" in capsys.readouterr().out
+    assert main(["agree", *models, *data_flags, "--rows", "1"]) == 2
+    assert "--rows" in capsys.readouterr().err
+
+
+def test_select_summary_prints_the_rand_index_of_verified_samples() -> None:
+    from speccore.report import describe, summary_text, verified_rand_index
+    from speccore.selection.base import Selection
+
+    small = [0.1, 0.2, 0.8, 0.9, 0.5]
+    target = [1.0, 1.1, 0.2, 9.0, 5.0]
+    selection = Selection(
+        method="staff",
+        indices=np.arange(3),
+        n_total=5,
+        budget=3,
+        info={"agreement": {"spearman": 0.4, "n": 5, "small": small, "target": target}},
+        config={"regions": 2},
+    )
+    expected = brute_force_rand(
+        equal_width_regions(np.array(small), 2), equal_width_regions(np.array(target), 2)
+    )
+    assert verified_rand_index(selection) == pytest.approx(expected)
+    assert f"Spearman 0.40, Rand index {expected:.2f} over 5 samples" in summary_text(selection)
+    assert describe(selection, None, None, None, None)["agreement_rand_index"] == expected  # type: ignore[arg-type]
+    selection.info["agreement"] = {"spearman": 0.4, "n": 5}  # no verified scores recorded
+    assert verified_rand_index(selection) is None and "Rand index" not in summary_text(selection)

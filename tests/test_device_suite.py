@@ -1,0 +1,93 @@
+"""benchmarks/device_suite.py --tiny: every step runs on the CPU and writes sane figures."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+SUITE = ROOT / "benchmarks" / "device_suite.py"
+
+
+def run_suite(out: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    return subprocess.run(
+        [sys.executable, str(SUITE), "--tiny", "--out", str(out), *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def positive(x: Any) -> bool:
+    return isinstance(x, int | float) and math.isfinite(x) and x > 0
+
+
+def test_tiny_suite_writes_every_step_and_reruns_one(tmp_path: Path) -> None:
+    proc = run_suite(tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads((tmp_path / "device_suite.json").read_text(encoding="utf-8"))
+    assert data["mode"] == "tiny" and sorted(data["steps"]) == ["1", "2", "3", "4"]
+    steps = data["steps"]
+    assert not any("error" in s for s in steps.values())
+
+    one = steps["1"]["models"]
+    assert len(one) == 2
+    for m in one:
+        assert all(positive(m["tokens_per_s"][k]) for k in "abc")
+        rates = m["tokens_per_s"]  # rounded to 0.1 token/s in the file
+        assert math.isclose(m["a_over_c"], rates["a"] / rates["c"], rel_tol=1e-3)
+        assert m["goal_a_ge_2b"] == (m["a_over_b"] >= 2)
+        assert m["max_rel_error_a_vs_b"] < 1e-4  # float32: (a) and (b) are both exact
+
+    two = steps["2"]
+    assert set(two["scores"]) == {"effort", "loss", "el2n"}
+    assert two["bound"] == 2 * (two["layers"] + 1) * 2.0**-8
+    for s in two["scores"].values():
+        assert 0.99 <= s["spearman"] <= 1
+        assert 0 < s["max_rel_error"] <= two["bound"] and s["within_bound"]
+
+    three = steps["3"]
+    staff, grand = three["runs"]["staff"], three["runs"]["grand"]
+    assert positive(staff["timings"]["total"]) and positive(grand["timings"]["total"])
+    assert math.isclose(
+        three["staff_over_grand"], staff["timings"]["total"] / grand["timings"]["total"]
+    )
+    # STAFF scores at most K * b_v samples on the target; GraNd fine-tunes and scores it.
+    k, b_v = three["settings"]["K"], three["settings"]["b_v"]
+    assert 0 < staff["target_samples_scored"] <= k * b_v
+    assert "small fine-tune" in staff["timings"] and "target fine-tune" in grand["timings"]
+    assert staff["kept"] == grand["kept"] > 0
+
+    four = steps["4"]
+    rate = four["scoring"]["tokens_per_s"]
+    assert positive(rate)
+    assert math.isclose(four["million_rows_seconds"], 1e6 * four["row_tokens"] / rate)
+    assert set(four["peak_gpu_gib_by_stage"]) == {"staff", "grand"}
+
+    md = (tmp_path / "device_suite.md").read_text(encoding="utf-8")
+    for n in "1234":
+        assert f"## Step {n}:" in md
+    assert "| tiny-s |" in md and "STAFF/GraNd = " in md
+
+    # --steps 2 reruns that step only and keeps the others.
+    steps["2"]["date"] = "before"
+    (tmp_path / "device_suite.json").write_text(json.dumps(data), encoding="utf-8")
+    proc = run_suite(tmp_path, "--steps", "2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    again = json.loads((tmp_path / "device_suite.json").read_text(encoding="utf-8"))["steps"]
+    assert again["2"]["date"] != "before"
+    assert {k: again[k] for k in "134"} == {k: steps[k] for k in "134"}
+
+
+def test_bad_steps_are_refused(tmp_path: Path) -> None:
+    proc = run_suite(tmp_path, "--steps", "1,7")
+    assert proc.returncode == 2 and "--steps" in proc.stderr
+    assert not (tmp_path / "device_suite.json").exists()
