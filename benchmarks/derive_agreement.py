@@ -93,10 +93,16 @@ class Campaign:
         self.targets: dict[str, LoadedModel] = {}
         self.data: dict[tuple[str, str], TokenizedData] = {}
         self.scored: dict[tuple[str, str], ScoredRows] = {}
-        self.finetune_s: dict[tuple[str, str, int], float] = {}
+        # (wall, CPU) seconds of one-epoch fine-tunes by (task, target, layers); CPU seconds of
+        # scoring by (task, model): process CPU time stays steadier on a shared machine.
+        self.finetune_s: dict[tuple[str, str, int], tuple[float, float]] = {}
+        self.score_cpu: dict[tuple[str, str], float] = {}
         self.rows: list[dict[str, Any]] = []
         self.skipped: list[str] = []
+        self.done: list[str] = []
         self.datasets: dict[str, Any] = {}
+        if args.resume:
+            self.load(RESULTS / f"{args.name}.json")
 
     # --- plumbing ------------------------------------------------------------------------
 
@@ -105,6 +111,9 @@ class Campaign:
 
     def run(self, label: str, need_s: float, fn: Callable[[], None]) -> None:
         """Run one item unless fewer than ``need_s`` seconds of the budget are left."""
+        if label in self.done:
+            logger.info("already measured: %s", label)
+            return
         left = self.args.budget_min * 60 - self.elapsed()
         if left < need_s:
             logger.warning("skipped (%.0f s left, needs ~%.0f s): %s", left, need_s, label)
@@ -120,6 +129,7 @@ class Campaign:
             self.skipped.append(f"{label} (failed: {type(err).__name__}: {err})")
         else:
             logger.info("done in %.0f s: %s", time.perf_counter() - t, label)
+            self.done.append(label)
         self.write()
 
     def target(self, name: str) -> LoadedModel:
@@ -143,8 +153,9 @@ class Campaign:
             )
         return self.data[key]
 
-    def score(self, loaded: LoadedModel, data: TokenizedData) -> ScoredRows:
-        return score_rows(
+    def score(self, task: str, loaded: LoadedModel, data: TokenizedData) -> ScoredRows:
+        cpu = time.process_time()
+        scored = score_rows(
             loaded,
             data,
             rows=len(data),
@@ -152,8 +163,16 @@ class Campaign:
             lora=LORA,
             max_batch_tokens=self.args.max_batch_tokens,
         )
+        self.score_cpu[(task, scored.name)] = time.process_time() - cpu
+        return scored
 
-    def finetune_seconds(self, loaded: LoadedModel, data: TokenizedData) -> float:
+    def target_scores(self, task: str, target: str) -> ScoredRows:
+        scored = self.scored[(task, target)]
+        if scored.tokenizer is None:  # restored from an earlier run
+            scored.tokenizer = self.target(target).tokenizer
+        return scored
+
+    def finetune_seconds(self, loaded: LoadedModel, data: TokenizedData) -> tuple[float, float]:
         """One epoch of STAFF's LoRA fine-tune on all rows, estimated: a fine-tune of 16 rows
         (2 steps of 8; the model has just scored, so one-off costs are paid) scaled by the
         rows' tokens."""
@@ -161,35 +180,45 @@ class Campaign:
         sub = data.subset(rows)
         model = attach_lora(loaded.model, LORA, seed=0)
         try:
-            t = time.perf_counter()
+            t, cpu = time.perf_counter(), time.process_time()
             finetune(model, sub, TRAIN, max_batch_tokens=2048, desc="timed fine-tune")
-            seconds = time.perf_counter() - t
+            seconds, cpu = time.perf_counter() - t, time.process_time() - cpu
         finally:
             detach_lora(model)
-        return seconds * float(data.lengths.sum()) / float(sub.lengths.sum())
+        scale = float(data.lengths.sum()) / float(sub.lengths.sum())
+        return seconds * scale, cpu * scale
 
     # --- items ---------------------------------------------------------------------------
 
     def score_target(self, task: str, target: str) -> None:
         loaded, data = self.target(target), self.tokens(task, target)
-        self.scored[(task, target)] = self.score(loaded, data)
+        self.scored[(task, target)] = self.score(task, loaded, data)
         layers = int(loaded.model.config.get_text_config().num_hidden_layers)
         self.finetune_s[(task, target, layers)] = self.finetune_seconds(loaded, data)
 
     def cross_family(self, task: str) -> None:
         small, target = self.args.targets
-        report = compare(self.scored[(task, small)], self.scored[(task, target)], regions=10)
+        report = compare(
+            self.target_scores(task, small), self.target_scores(task, target), regions=10
+        )
         s_layers, t_layers = (
             int(self.target(n).model.config.get_text_config().num_hidden_layers)
             for n in self.args.targets
         )
-        self.rows.append(
-            self.row(task, target, small, f"{s_layers}/{t_layers}", "-", 0, report, None)
-            | {
-                "small_finetune_s": self.finetune_s[(task, small, s_layers)],
-                "target_finetune_s": self.finetune_s[(task, target, t_layers)],
-            }
-        )
+        row = self.row(task, target, small, f"{s_layers}/{t_layers}", "-", 0, report, None)
+        self.add_costs(row, task, (small, s_layers), (target, t_layers))
+        self.rows.append(row)
+
+    def add_costs(
+        self, row: dict[str, Any], task: str, small: tuple[str, int], target: tuple[str, int]
+    ) -> None:
+        """Fine-tune (wall and CPU) and scoring CPU seconds of both models, into ``row``."""
+        for side, (name, layers) in (("small", small), ("target", target)):
+            model = target[0] if side == "target" or name.startswith("derive") else name
+            wall, cpu = self.finetune_s[(task, model, layers)]
+            row[f"{side}_finetune_s"], row[f"{side}_finetune_cpu_s"] = wall, cpu
+        row["small_scoring_cpu_s"] = self.score_cpu.get((task, row.pop("_small_name")))
+        row["target_scoring_cpu_s"] = self.score_cpu.get((task, target[0]))
 
     def derived(self, task: str, target: str, settings: DeriveSettings) -> None:
         loaded, data = self.target(target), self.tokens(task, target)
@@ -199,8 +228,8 @@ class Campaign:
         record = read_derivation(folder)
         assert record is not None
         small = load_model(str(folder), dtype="float32", device="cpu")
-        small_rows = self.score(small, data)
-        report = compare(small_rows, self.scored[(task, target)], regions=10)
+        small_rows = self.score(task, small, data)
+        report = compare(small_rows, self.target_scores(task, target), regions=10)
         kept = int(record["num_hidden_layers"])
         total = int(record["target"]["num_hidden_layers"])
         if (task, target, kept) not in self.finetune_s:
@@ -215,8 +244,7 @@ class Campaign:
             report,
             record,
         )
-        row["small_finetune_s"] = self.finetune_s[(task, target, kept)]
-        row["target_finetune_s"] = self.finetune_s[(task, target, total)]
+        self.add_costs(row, task, (f"derive:{kept}", kept), (target, total))
         self.rows.append(row)
 
     def row(
@@ -253,6 +281,7 @@ class Campaign:
             "derive_s": (record or {}).get("seconds", {}).get("total"),
             "heal_s": heal_record.get("seconds"),
             "kept_layers": (record or {}).get("kept_layers"),
+            "_small_name": report.small,
         }
 
     # --- output --------------------------------------------------------------------------
@@ -268,10 +297,52 @@ class Campaign:
             "elapsed_s": self.elapsed(),
             "rows": self.rows,
             "skipped": self.skipped,
+            # For --resume: what was measured, the targets' scores and the costs.
+            "done": self.done,
+            "target_scores": {
+                f"{task}|{name}": {
+                    "name": r.name,
+                    "n_rows": r.n_rows,
+                    "seed": r.seed,
+                    "indices": r.indices.tolist(),
+                    "scores": {k: v.tolist() for k, v in r.scores.items()},
+                    "seconds": r.seconds,
+                    "tokens": r.tokens,
+                    "cpu_s": self.score_cpu.get((task, r.name)),
+                }
+                for (task, name), r in self.scored.items()
+            },
+            "finetune_s": {"|".join(map(str, k)): list(v) for k, v in self.finetune_s.items()},
         }
         write_json(RESULTS / f"{self.args.name}.json", payload)
         with atomic_open(RESULTS / f"{self.args.name}.md") as f:
             f.write(markdown(self.rows, self.skipped, self.elapsed()))
+
+    def load(self, path: Path) -> None:
+        """Resume: the rows, targets' scores and costs of an earlier run of the same setup."""
+        old = json.loads(path.read_text(encoding="utf-8"))
+        same = ("ui_rows", "dialogsum_rows", "targets", "max_batch_tokens")
+        if any(old["args"].get(k) != getattr(self.args, k) for k in same):
+            raise SystemExit(f"--resume: {path} was measured with other {', '.join(same)}")
+        self.rows, self.done = old["rows"], old.get("done", [])
+        for key, r in old.get("target_scores", {}).items():
+            task, name = key.split("|", 1)
+            self.scored[(task, name)] = ScoredRows(
+                name=r["name"],
+                tokenizer=None,
+                n_rows=r["n_rows"],
+                seed=r["seed"],
+                indices=np.asarray(r["indices"], dtype=np.int64),
+                scores={k: np.asarray(v) for k, v in r["scores"].items()},
+                seconds=r["seconds"],
+                tokens=r["tokens"],
+            )
+            if r.get("cpu_s") is not None:
+                self.score_cpu[(task, r["name"])] = r["cpu_s"]
+        for key, v in old.get("finetune_s", {}).items():
+            task, target, layers = key.rsplit("|", 2)
+            self.finetune_s[(task, target, int(layers))] = (v[0], v[1])
+        logger.info("resumed %d measured items from %s", len(self.done), path)
 
 
 def load_task_rows(task: Task, n: int) -> Any:
@@ -288,15 +359,19 @@ def load_task_rows(task: Task, n: int) -> Any:
     return datasets.Dataset.from_list(rows)
 
 
-def cost_ratio(row: dict[str, Any]) -> float:
-    small = row["small_finetune_s"] + row["small_scoring_s"]
-    return small / (row["target_finetune_s"] + row["target_scoring_s"])
+def cost_ratio(row: dict[str, Any], cpu: bool = False) -> float | None:
+    """Small (fine-tune + scoring) over target seconds: wall, or process CPU time."""
+    keys = ("finetune_cpu_s", "scoring_cpu_s") if cpu else ("finetune_s", "scoring_s")
+    parts = [row.get(f"{side}_{k}") for side in ("small", "target") for k in keys]
+    if any(p is None for p in parts):
+        return None
+    return (parts[0] + parts[1]) / (parts[2] + parts[3])
 
 
 def markdown(rows: list[dict[str, Any]], skipped: list[str], elapsed: float) -> str:
     header = ["task", "target", "small", "layers", "select", "heal", "ρ effort", "ρ loss",
               "RI effort", "RI loss", "KL before→after", "derive s", "small ft+score s",
-              "target ft+score s", "cost ratio"]  # fmt: skip
+              "target ft+score s", "cost ratio", "CPU-time ratio"]  # fmt: skip
     body = []
     for r in rows:
         kl = "-" if r["kl_before"] is None else f"{r['kl_before']:.2f}→{r['kl_after']:.2f}"
@@ -316,7 +391,8 @@ def markdown(rows: list[dict[str, Any]], skipped: list[str], elapsed: float) -> 
                 "-" if r["derive_s"] is None else f"{r['derive_s']:.0f}",
                 f"{r['small_finetune_s']:.0f}+{r['small_scoring_s']:.0f}",
                 f"{r['target_finetune_s']:.0f}+{r['target_scoring_s']:.0f}",
-                f"{cost_ratio(r):.2f}",
+                _num(cost_ratio(r), 2),
+                _num(cost_ratio(r, cpu=True), 2),
             ]
         )
     lines = [
@@ -337,8 +413,8 @@ def markdown(rows: list[dict[str, Any]], skipped: list[str], elapsed: float) -> 
     return "\n".join(lines) + "\n"
 
 
-def _num(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.3f}"
+def _num(value: float | None, digits: int = 3) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
 
 
 def main() -> None:
@@ -352,6 +428,11 @@ def main() -> None:
     parser.add_argument("--dialogsum-rows", type=int, default=150)
     parser.add_argument("--targets", nargs=2, default=list(TARGETS), help="small-family, other")
     parser.add_argument("--name", default="derive_agreement", help="results file name")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the measured items of benchmarks/results/NAME.json and run only the others",
+    )
     args = parser.parse_args()
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"

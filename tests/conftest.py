@@ -52,6 +52,30 @@ def tiny_select_config(data: Path, dirs: dict[str, Path], **overrides: object) -
     return SelectConfig.from_dict(settings)
 
 
+class ModelWorkSpy:
+    """Counts fine-tunes (their row counts) and scored samples, calling the real functions."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        import speccore.scoring as scoring
+        import speccore.train as train
+
+        self.finetunes: list[int] = []
+        self.scored: list[int] = []
+        real_finetune, real_score = train.finetune, scoring.score_samples
+
+        def finetune(model, data, settings, **kw):  # type: ignore[no-untyped-def]
+            self.finetunes.append(len(data))
+            return real_finetune(model, data, settings, **kw)
+
+        def score_samples(model, data, score, **kw):  # type: ignore[no-untyped-def]
+            out = real_score(model, data, score, **kw)
+            self.scored.append(len(out))
+            return out
+
+        monkeypatch.setattr(train, "finetune", finetune)
+        monkeypatch.setattr(scoring, "score_samples", score_samples)
+
+
 def micro_bench_settings(
     tmp_path: Path, dirs: dict[str, Path], eval_rows: int = 4, **overrides: object
 ) -> dict[str, Any]:

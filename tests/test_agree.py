@@ -204,6 +204,7 @@ def test_select_summary_prints_the_rand_index_of_verified_samples() -> None:
     )
     assert verified_rand_index(selection) == pytest.approx(expected)
     assert f"Spearman 0.40, Rand index {expected:.2f} over 5 samples" in summary_text(selection)
-    assert describe(selection, None, None, None, None)["agreement_rand_index"] == expected  # type: ignore[arg-type]
+    described = describe(selection, None, None, None, None)  # type: ignore[arg-type]
+    assert described["agreement_rand_index"] == expected
     selection.info["agreement"] = {"spearman": 0.4, "n": 5}  # no verified scores recorded
     assert verified_rand_index(selection) is None and "Rand index" not in summary_text(selection)

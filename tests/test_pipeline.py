@@ -11,35 +11,13 @@ import numpy as np
 import pytest
 
 import speccore
-from conftest import tiny_select_config
+from conftest import ModelWorkSpy, tiny_select_config
 from speccore import SelectConfig
 from speccore.selection import Selection
 
 
 def config(data: Path, dirs: dict[str, Path], **kw: object) -> SelectConfig:
     return tiny_select_config(data, dirs, **kw)
-
-
-class Counter:
-    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        import speccore.scoring as scoring
-        import speccore.train as train
-
-        self.finetunes: list[int] = []
-        self.scored: list[int] = []
-        real_finetune, real_score = train.finetune, scoring.score_samples
-
-        def finetune(model, data, settings, **kw):  # type: ignore[no-untyped-def]
-            self.finetunes.append(len(data))
-            return real_finetune(model, data, settings, **kw)
-
-        def score_samples(model, data, score, **kw):  # type: ignore[no-untyped-def]
-            out = real_score(model, data, score, **kw)
-            self.scored.append(len(out))
-            return out
-
-        monkeypatch.setattr(train, "finetune", finetune)
-        monkeypatch.setattr(scoring, "score_samples", score_samples)
 
 
 def test_staff_end_to_end_writes_the_run(
@@ -71,7 +49,7 @@ def test_staff_end_to_end_writes_the_run(
 def test_target_is_never_tuned_and_sees_only_verified(
     jsonl_data: Path, model_dirs: dict[str, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    counter = Counter(monkeypatch)
+    counter = ModelWorkSpy(monkeypatch)
     sel = speccore.select(config(jsonl_data, model_dirs))
     assert counter.finetunes == [24]  # the small model only
     assert sel.info["target_samples_scored"] == sel.info["n_verified"] <= 3 * 2
@@ -82,7 +60,7 @@ def test_rerun_with_another_prune_rate_reuses_the_cache(
     jsonl_data: Path, model_dirs: dict[str, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     first = speccore.select(config(jsonl_data, model_dirs))
-    counter = Counter(monkeypatch)
+    counter = ModelWorkSpy(monkeypatch)
     second = speccore.select(config(jsonl_data, model_dirs, prune_rate=0.75))
     assert counter.finetunes == []  # adapter from cache
     assert counter.scored == []  # same verified draws: scores from cache too
@@ -117,7 +95,7 @@ def test_precomputed_scores_skip_the_small_model(
 ) -> None:
     scores = tmp_path / "scores.npy"
     np.save(scores, np.linspace(1, 2, 24))
-    counter = Counter(monkeypatch)
+    counter = ModelWorkSpy(monkeypatch)
     sel = speccore.select(config(jsonl_data, model_dirs, scores=str(scores), verification=False))
     assert counter.finetunes == [] and counter.scored == []
     np.testing.assert_allclose(sel.scores, np.linspace(1, 2, 24))
@@ -140,7 +118,7 @@ def test_user_adapter_skips_the_fine_tune(
 ) -> None:
     out = tmp_path / "run"
     speccore.select(config(jsonl_data, model_dirs, out=str(out)))
-    counter = Counter(monkeypatch)
+    counter = ModelWorkSpy(monkeypatch)
     sel = speccore.select(
         config(
             jsonl_data,
@@ -174,7 +152,7 @@ def test_csv_in_csv_out(model_dirs: dict[str, Path], tmp_path: Path) -> None:
 def test_baselines_share_one_target_fine_tune(
     jsonl_data: Path, model_dirs: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    counter = Counter(monkeypatch)
+    counter = ModelWorkSpy(monkeypatch)
     lines = jsonl_data.read_text(encoding="utf-8").splitlines(keepends=True)
     for method in ("grand", "el2n", "ccs", "d2", "random", "staff-target-only"):
         out = tmp_path / method

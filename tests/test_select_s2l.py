@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import speccore
-from conftest import tiny_select_config
+from conftest import ModelWorkSpy, tiny_select_config
 from speccore.config import LoraSettings, SelectConfig, TrainSettings
 from speccore.errors import ConfigError, ScoringError
 from speccore.selection.base import Trajectories, get_method, method_names, rng_for
@@ -268,30 +268,6 @@ def test_finetune_calls_on_step_after_every_optimizer_step():
 # --- end to end on the tiny models ---------------------------------------------------------------
 
 
-class FinetuneSpy:
-    """Counts fine-tunes and scored samples (as tests/test_pipeline.py does)."""
-
-    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        import speccore.scoring as scoring
-        import speccore.train as train
-
-        self.finetunes: list[int] = []
-        self.scored: list[int] = []
-        real_finetune, real_score = train.finetune, scoring.score_samples
-
-        def finetune(model, data, settings, **kw):  # type: ignore[no-untyped-def]
-            self.finetunes.append(len(data))
-            return real_finetune(model, data, settings, **kw)
-
-        def score_samples(model, data, score, **kw):  # type: ignore[no-untyped-def]
-            out = real_score(model, data, score, **kw)
-            self.scored.append(len(out))
-            return out
-
-        monkeypatch.setattr(train, "finetune", finetune)
-        monkeypatch.setattr(scoring, "score_samples", score_samples)
-
-
 def _loss_under(cfg: SelectConfig, adapter: Path | None) -> np.ndarray:
     """The small model's "loss" of every row, computed outside the provider and its cache:
     under a saved adapter, or a fresh LoRA (the pretrained model)."""
@@ -322,7 +298,7 @@ def test_staff_then_s2l_fine_tune_the_small_model_once(
     monkeypatch: pytest.MonkeyPatch,
     isolated_cache: Path,
 ):
-    spy = FinetuneSpy(monkeypatch)
+    spy = ModelWorkSpy(monkeypatch)
     staff_out = tmp_path / "staff"
     speccore.select(tiny_select_config(jsonl_data, model_dirs, out=str(staff_out), device="cpu"))
     assert spy.finetunes == [24]
@@ -371,7 +347,7 @@ def test_adapter_without_snapshots_is_fine_tuned_again_for_them(
         shutil.rmtree(folder)
     for stored in isolated_cache.glob("scores/*.npz"):
         stored.unlink()  # trajectories and losses too: they must be computed again
-    spy = FinetuneSpy(monkeypatch)
+    spy = ModelWorkSpy(monkeypatch)
     second = speccore.select(cfg)
     assert spy.finetunes == [24]  # once more, only to record the snapshots
     assert second.info["checkpoint_steps"] == [0, 3, 6]

@@ -240,14 +240,11 @@ def run_derive(args: argparse.Namespace, argv: Sequence[str]) -> int:
         max_batch_tokens=args.max_batch_tokens,
     )
     record = read_derivation(folder) or {}
-    heal = record.get("heal", {})
-    print(
-        f"kept layers {record.get('kept_layers')} of {record.get('target', {}).get('num_hidden_layers')}"
-    )
+    heal, total = record.get("heal", {}), record.get("target", {}).get("num_hidden_layers")
+    print(f"kept layers {record.get('kept_layers')} of {total}")
     if "kl_before" in heal:
-        print(
-            f"KL to the target: {heal['kl_before']:.3f} before healing, {heal['kl_after']:.3f} after"
-        )
+        before, after = heal["kl_before"], heal["kl_after"]
+        print(f"KL to the target: {before:.3f} before healing, {after:.3f} after")
     print(f"wrote {folder}")
     return 0
 
