@@ -31,7 +31,7 @@ def bench_settings(tmp_path: Path, model_dirs: dict[str, Path]) -> dict[str, Any
 
 
 def test_shipped_configs_load() -> None:
-    mini = load_bench_config(REPO / "bench" / "mini-uitrans.yaml")
+    mini = load_bench_config(REPO / "quality-bench" / "mini-uitrans.yaml")
     assert mini.metrics.unicode_rouge and mini.data.train_rows == 400
     assert mini.data.eval_rows == 200 and mini.seeds == [0, 1, 2]
     cells = [c.name for c in plan_cells(mini)]
@@ -41,9 +41,9 @@ def test_shipped_configs_load() -> None:
     derived = mini.select_config("staff-derived", 0.9, 1)
     assert derived.method == "staff" and derived.small == "derive:0.5"
     assert mini.select_config("staff", 0.9, 1).small == "smollm2-135m"
-    dialogsum = load_bench_config(REPO / "bench" / "mini-dialogsum.yaml")
+    dialogsum = load_bench_config(REPO / "quality-bench" / "mini-dialogsum.yaml")
     assert dialogsum.data.eval_rows == 100 and len(plan_cells(dialogsum)) == 46
-    full = load_bench_config(REPO / "bench" / "full-dialogsum.yaml")
+    full = load_bench_config(REPO / "quality-bench" / "full-dialogsum.yaml")
     sel = full.select_config("staff", 0.9, 2)
     staff = sel.method_settings
     assert (staff.regions, staff.verify_per_region, sel.small_epochs, sel.seed) == (50, 10, 3.0, 2)

@@ -1,4 +1,4 @@
-"""benchmarks/device_suite.py --tiny: every step runs on the CPU and writes sane figures."""
+"""speed-bench/device_suite.py --tiny: every step runs on the CPU and writes sane figures."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-SUITE = ROOT / "benchmarks" / "device_suite.py"
+SUITE = ROOT / "speed-bench" / "device_suite.py"
 
 
 def run_suite(out: Path, *args: str) -> subprocess.CompletedProcess[str]:

@@ -193,3 +193,73 @@ def test_select_without_out_in_the_cli_writes_a_fresh_run_folder(
     runs = list((tmp_path / "runs").iterdir())
     assert len(runs) == 1 and (runs[0] / "coreset.jsonl").is_file()
     assert f"wrote {Path('runs') / runs[0].name}/" in capsys.readouterr().out
+
+
+def test_a_bench_with_neither_reference_row_prepares_its_data_first(
+    tmp_path: Path, model_dirs: dict[str, Path]
+) -> None:
+    from conftest import micro_bench_settings
+    from speccore.bench import run_bench
+    from speccore.bench.config import bench_config_from_dict
+
+    settings = micro_bench_settings(tmp_path, model_dirs, full=False, zero_shot=False)
+    settings["data"]["train_rows"] = 10  # a subset file the selections read from the bench folder
+    result = run_bench(bench_config_from_dict(settings), plots=False)
+    assert result.ran == ["random_p0.5_s0"]
+    assert (Path(settings["out"]) / "data" / "train.jsonl").is_file()
+
+
+def test_scores_of_more_than_one_dimension_are_refused(tmp_path: Path) -> None:
+    import numpy as np
+
+    from speccore.provider import load_scores_file
+
+    path = tmp_path / "scores.npy"
+    np.save(path, np.ones((4, 6)))
+    with pytest.raises(DataError, match=r"shape \(4, 6\); expected one score per row"):
+        load_scores_file(str(path), 24)
+
+
+def test_sigterm_in_the_cli_saves_and_exits_143_with_one_line(
+    jsonl_data: Path, model_dirs: dict[str, Path], tmp_path: Path
+) -> None:
+    """A real ``speccore select`` process gets SIGTERM while the small model scores: it saves the
+    batch in progress, prints one line and exits 143; the rerun resumes and finishes."""
+    import json
+    import signal
+    import subprocess
+    import sys
+
+    from conftest import make_rows
+
+    cache = tmp_path / "cache"
+    data = tmp_path / "rows.jsonl"  # enough rows that scoring runs for a while
+    data.write_text("".join(json.dumps(r) + "\n" for r in make_rows(300)), encoding="utf-8")
+    args = [
+        sys.executable, "-m", "speccore.cli", "select", "--data", str(data),
+        "--input-field", "dialogue", "--output-field", "summary",
+        "--small", str(model_dirs["small"]), "--target", str(model_dirs["target"]),
+        "--prune-rate", "0.5", "--regions", "3", "--verify-per-region", "2",
+        "--small-epochs", "1", "--batch-size", "4", "--max-length", "64",
+        "--max-batch-tokens", "64", "--checkpoint-seconds", "0.01",
+        "--cache-dir", str(cache), "--out", str(tmp_path / "run"),
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(args, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.time() + 120
+    # Wait until scoring has saved a checkpoint (the fine-tune's adapter is cached first).
+    while time.time() < deadline and not list(cache.glob("scores/*.checkpoint.npz")):
+        if proc.poll() is not None:
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run ended before scoring saved a checkpoint"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-2000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("speccore: interrupted:") and "rerun the same command" in last
+    assert "Traceback" not in err
+    assert not (tmp_path / "run").exists()
+    again = subprocess.run(args, capture_output=True, text=True, env=env, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert (tmp_path / "run" / "coreset.jsonl").is_file()

@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser(
         "bench", help="fine-tune the target on each coreset, evaluate, write tables and plots"
     )
-    bench.add_argument("config", help="bench YAML file (see bench/*.yaml)")
+    bench.add_argument("config", help="bench YAML file (see quality-bench/*.yaml)")
     bench.add_argument("--out", default=None, help="bench folder (default: the config's out)")
     bench.add_argument(
         "--report-only",

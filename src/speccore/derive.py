@@ -95,7 +95,7 @@ class DeriveSettings:
     afterwards. ``seed`` seeds every random choice (row samples, batch order, LoRA init).
 
     **Defaults: half the layers, evenly spaced, no healing**, from the measurement of
-    ``benchmarks/derive_agreement.py`` (results in ``benchmarks/results/derive_agreement.md``;
+    ``speed-bench/derive_agreement.py`` (results in ``speed-bench/results/derive_agreement.md``;
     UI translation, 100 rows, both models untuned, K = 10; a shared 2-core CPU):
 
     ============================  =========  =========  ==========  ==============

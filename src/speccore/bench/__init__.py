@@ -1,7 +1,7 @@
 """The bench: fine-tune the target on each coreset, evaluate it, and report like the paper.
 
 ``speccore bench CONFIG.yaml`` or ``speccore.bench.run_bench("CONFIG.yaml")``; see
-``bench/*.yaml`` for configurations and :class:`BenchConfig` for every key.
+``quality-bench/*.yaml`` for configurations and :class:`BenchConfig` for every key.
 """
 
 from .config import (

@@ -85,7 +85,7 @@ class GenerationSettings:
 
 @dataclass
 class BenchConfig:
-    """Everything ``speccore bench CONFIG.yaml`` takes; see ``bench/*.yaml`` for examples."""
+    """Everything ``speccore bench CONFIG.yaml`` takes; see ``quality-bench/*.yaml`` for examples."""
 
     out: str = ""
     data: DataSettings = field(default_factory=DataSettings)

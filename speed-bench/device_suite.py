@@ -19,9 +19,9 @@ finishes (a run cut short keeps the finished steps; ``--steps 3`` reruns one ste
 others). ``--tiny`` runs the same steps with tiny models on the CPU in well under a minute (CI
 runs it); its numbers only show that the suite works.
 
-    python benchmarks/device_suite.py                 # one GPU, under 8 minutes
-    python benchmarks/device_suite.py --steps 1,2     # some steps only
-    python benchmarks/device_suite.py --tiny --out /tmp/suite
+    python speed-bench/device_suite.py                 # one GPU, under 8 minutes
+    python speed-bench/device_suite.py --steps 1,2     # some steps only
+    python speed-bench/device_suite.py --tiny --out /tmp/suite
 """
 
 from __future__ import annotations

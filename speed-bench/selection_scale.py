@@ -6,7 +6,7 @@ t(10N)/t(N) against the N log N bound 10·log(10N)/log(N). D2 at N = 10^5 with k
 unit features (d = 64): time and peak memory (tracemalloc peak of a second run, and the growth
 of the process's peak RSS).
 
-python benchmarks/selection_scale.py            # about a minute on 2 CPU cores
+python speed-bench/selection_scale.py            # about a minute on 2 CPU cores
 """
 
 from __future__ import annotations

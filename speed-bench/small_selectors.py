@@ -4,9 +4,9 @@ Runs the three selections one after the other on the same rows with one cache an
 pool (so the small model is loaded and fine-tuned once), and prints each method's selection time
 by stage, measured in this one run, and the Jaccard overlap of their coresets.
 
-    .venv/bin/python benchmarks/small_selectors.py --rows 300 --prune-rate 0.9
+    .venv/bin/python speed-bench/small_selectors.py --rows 300 --prune-rate 0.9
 
-Writes ``benchmarks/results/small_selectors.json`` and ``.md``.
+Writes ``speed-bench/results/small_selectors.json`` and ``.md``.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=300)
     parser.add_argument("--prune-rate", type=float, default=0.9)
     parser.add_argument("--max-length", type=int, default=384)
-    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
+    parser.add_argument("--out", default=str(REPO / "speed-bench" / "results"))
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     work = Path(tempfile.mkdtemp(prefix="speccore-small-selectors-"))

@@ -1,6 +1,6 @@
 """Helpers shared by the benchmark scripts: machine info, data, timing, result files.
 
-The scripts put their own folder on ``sys.path`` (Python does so for ``python benchmarks/x.py``),
+The scripts put their own folder on ``sys.path`` (Python does so for ``python speed-bench/x.py``),
 so they import this module as ``common``.
 """
 
@@ -61,7 +61,7 @@ def machine_info(device: str | None = None) -> dict[str, Any]:
 
 
 def write_result(name: str, args: dict[str, Any], results: Any, device: str | None = None) -> Path:
-    """Write ``benchmarks/results/<name>.json`` (atomically) with the machine and the arguments."""
+    """Write ``speed-bench/results/<name>.json`` (atomically) with the machine and the arguments."""
     from speccore.io import write_json
 
     path = RESULTS / f"{name}.json"

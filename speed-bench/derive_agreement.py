@@ -18,9 +18,9 @@ model is scored once (:func:`speccore.agree.score_rows`) and compared with
 
 The work runs in priority order under a time budget (``--budget-min``); what does not fit is
 listed in the results as ``skipped``, so a cut is never silent. Results are written after every
-item to ``benchmarks/results/derive_agreement.json`` and ``.md``.
+item to ``speed-bench/results/derive_agreement.json`` and ``.md``.
 
-    OMP_NUM_THREADS=2 nice -n 10 .venv/bin/python benchmarks/derive_agreement.py
+    OMP_NUM_THREADS=2 nice -n 10 .venv/bin/python speed-bench/derive_agreement.py
 """
 
 from __future__ import annotations
@@ -431,7 +431,7 @@ def main() -> None:
     parser.add_argument(
         "--resume",
         action="store_true",
-        help="keep the measured items of benchmarks/results/NAME.json and run only the others",
+        help="keep the measured items of speed-bench/results/NAME.json and run only the others",
     )
     args = parser.parse_args()
     logging.basicConfig(

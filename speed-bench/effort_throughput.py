@@ -12,8 +12,8 @@ Throughput is real (unpadded) tokens per second, so the ratios are ratios of wal
 Goals: a/c ≥ 0.9 at every T; a/b ≥ 2 on a GPU, ≥ 0.9 on a CPU. Also reports how far (a) is from
 (b) (both exact: only rounding apart).
 
-CPU:  python benchmarks/effort_throughput.py --model smollm2-135m --rows 300
-GPU:  python benchmarks/effort_throughput.py --random-llama 1e9 --rows 300 --device cuda
+CPU:  python speed-bench/effort_throughput.py --model smollm2-135m --rows 300
+GPU:  python speed-bench/effort_throughput.py --random-llama 1e9 --rows 300 --device cuda
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ baselines share GraNd's tuned target (its fine-tune is cached, so their totals e
 EL2N scores, as they would in a real comparison. Then the Jaccard overlap |A∩B| / |A∪B| of every
 pair of coresets is printed (two random coresets of m out of N overlap m / (2N − m) on average).
 
-CPU (2 cores): python benchmarks/staff_vs_grand.py --rows 300 --epochs 1
+CPU (2 cores): python speed-bench/staff_vs_grand.py --rows 300 --epochs 1
 """
 
 from __future__ import annotations
