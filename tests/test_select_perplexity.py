@@ -159,12 +159,12 @@ def test_plan():
 def test_perplexity_shares_the_small_models_work_with_staff_and_s2l(
     jsonl_data: Path, model_dirs: dict[str, Path], monkeypatch: pytest.MonkeyPatch
 ):
-    from test_select_s2l import FinetuneSpy
+    from conftest import ModelWorkSpy
 
     def cfg(**kw: object) -> SelectConfig:
         return tiny_select_config(jsonl_data, model_dirs, device="cpu", **kw)
 
-    spy = FinetuneSpy(monkeypatch)
+    spy = ModelWorkSpy(monkeypatch)
     s2l = speccore.select(cfg(method="s2l", s2l_clusters=3))
     assert spy.finetunes == [24]
     spy.scored.clear()
