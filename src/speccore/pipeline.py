@@ -119,7 +119,9 @@ def preflight(cfg: SelectConfig) -> Any:
 
         require_ray()
     check_models(cfg, method.needs)
-    if cfg.out:
+    if cfg.dry_run:
+        pass  # a dry run writes nothing
+    elif cfg.out:
         check_out(cfg)
     else:
         logger.info("no --out: the coreset is returned but nothing is written")

@@ -183,14 +183,16 @@ class BenchConfig:
         """What every finished cell's result depends on, beyond its (method, rate, seed,
         token_keep).
 
-        Adding methods, rates, seeds or token_keeps, or switching the reference rows, keeps
-        finished cells. The token settings of ``select:`` are left out: only token cells depend
-        on them, and those are checked against :meth:`token_settings`.
+        Adding methods, variants, rates, seeds or token_keeps, or switching the reference rows,
+        keeps finished cells. The token settings of ``select:`` are left out: only token cells
+        depend on them, and those are checked against :meth:`token_settings`. A variant's cells
+        are known by its name: give a changed variant a new name.
         """
         d = dataclasses.asdict(self)
         for key in (
             "out",
             "methods",
+            "variants",
             "prune_rates",
             "seeds",
             "token_keeps",

@@ -11,6 +11,7 @@ import contextlib
 import difflib
 import importlib.metadata
 import importlib.util
+import io
 import logging
 import os
 import shutil
@@ -593,9 +594,16 @@ def _dequantize(gguf_path: Path) -> tuple[Any, Any]:
     """Load a GGUF as a plain float32 model that ``save_pretrained`` accepts, and its tokenizer."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from ..progress import is_quiet
+
     folder, file = str(gguf_path.parent), gguf_path.name
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file)
-    gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, dtype=torch.float32)
+    # transformers draws its GGUF conversion bar with a tqdm of its own: under -q, mute it.
+    mute = contextlib.redirect_stderr(io.StringIO()) if is_quiet() else contextlib.nullcontext()
+    with mute:
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file)
+        gguf_model = AutoModelForCausalLM.from_pretrained(
+            folder, gguf_file=file, dtype=torch.float32
+        )
     # save_pretrained refuses GGUF-loaded models ("not serializable"): rebuild a plain model
     # without the quantization config and copy the dequantised weights over.
     config = gguf_model.config
