@@ -126,22 +126,9 @@ def agreement(
     equal-width regions each induces. Models given by name are loaded one after the other and
     freed after scoring.
     """
-    if rows < 2:
-        raise ConfigError(f"--rows must be >= 2 to compare rankings, got {rows}")
     if regions < 1:
         raise ConfigError(f"--regions must be >= 1, got {regions}")
-    if not scores:
-        raise ConfigError("pass at least one score to compare (effort, loss)")
-    options = _Options(
-        rows,
-        seed,
-        tuple(scores),
-        lora or LoraSettings(),
-        lora_seed,
-        max_batch_tokens,
-        dtype,
-        device,
-    )
+    options = _options(rows, seed, scores, lora, lora_seed, max_batch_tokens, dtype, device)
     small_run = _score_model(small, data, 0, options, None)
     target_run = _score_model(target, data, 1, options, small_run)
     return compare(small_run, target_run, regions=regions)
@@ -166,11 +153,26 @@ def score_rows(
     what they mean for :func:`agreement`; ``data`` is this model's tokenised rows or a function
     ``tokenizer -> TokenizedData``).
     """
+    options = _options(rows, seed, scores, lora, lora_seed, max_batch_tokens, dtype, device)
+    return _score_model(model, data, 0, options, None)
+
+
+def _options(
+    rows: int,
+    seed: int,
+    scores: Sequence[str],
+    lora: LoraSettings | None,
+    lora_seed: int,
+    max_batch_tokens: int,
+    dtype: str,
+    device: str,
+) -> _Options:
+    """The scoring options both sides share, checked."""
     if rows < 2:
         raise ConfigError(f"--rows must be >= 2 to compare rankings, got {rows}")
     if not scores:
         raise ConfigError("pass at least one score to compare (effort, loss)")
-    options = _Options(
+    return _Options(
         rows,
         seed,
         tuple(scores),
@@ -180,7 +182,6 @@ def score_rows(
         dtype,
         device,
     )
-    return _score_model(model, data, 0, options, None)
 
 
 def compare(small: ScoredRows, target: ScoredRows, *, regions: int = 10) -> AgreementReport:
