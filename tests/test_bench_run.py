@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 import yaml
 
 from conftest import micro_bench_settings
@@ -229,3 +230,119 @@ def test_changed_settings_are_refused_not_mixed(bench_settings: dict[str, Any]) 
     bench_settings["seeds"] = [0, 1]
     result = run_bench(bench_config_from_dict(bench_settings), plots=False)
     assert result.ran == ["random_p0.5_s1"]
+    # The generation batch size changes speed, not outputs: the bench resumes under another.
+    bench_settings["generation"] = {"max_new_tokens": 5, "batch_size": 1}
+    bench_settings["seeds"] = [0, 1, 2]
+    result = run_bench(bench_config_from_dict(bench_settings), plots=False)
+    assert result.ran == ["random_p0.5_s2"]
+
+
+def test_cells_fingerprinted_with_the_generation_batch_size_are_kept(
+    bench_settings: dict[str, Any],
+) -> None:
+    """Cells written before the batch size left the fingerprint: their stored settings still
+    hold it, and their fingerprint is another; they are kept, not refused."""
+    from speccore.bench.run import check_settings
+    from speccore.io import fingerprint
+
+    cfg = bench_config_from_dict(bench_settings)
+    now = cfg.settings_dict()
+    old = {**now, "generation": {**now["generation"], "batch_size": 16}}
+    record = {"settings": old, "settings_fp": fingerprint(old)}
+    check_settings({"random_p0.5_s0": record}, now, cfg.folder)  # no error
+    other = {**old, "finetune": {**now["finetune"], "epochs": 7}}
+    with pytest.raises(ConfigError, match=r"changed: finetune\.epochs\)"):
+        check_settings({"x": {"settings": other, "settings_fp": "?"}}, now, cfg.folder)
+
+
+def test_sigterm_during_generation_stops_the_bench_at_the_next_batch(
+    bench_settings: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import importlib
+    import os
+    import signal
+
+    from speccore.interrupt import Interrupted, interruptible
+
+    generation = {"max_new_tokens": 5, "batch_size": 1}  # 4 evaluation rows: 4 batches
+    cfg = bench_config_from_dict({**bench_settings, "generation": generation})
+    gen = importlib.import_module("speccore.bench.generate")  # the module, not the function
+    batches: list[int] = []
+    real_greedy = gen.greedy_tokens
+
+    def greedy_then_signal(*args: Any, **kwargs: Any) -> Any:
+        batches.append(1)
+        if len(batches) == 2:  # during the zero-shot cell's second batch
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_greedy(*args, **kwargs)
+
+    monkeypatch.setattr(gen, "greedy_tokens", greedy_then_signal)
+    with pytest.raises(Interrupted) as caught, interruptible():
+        run_bench(cfg, plots=False)
+    assert len(batches) == 2  # stopped before the third batch, not at the end of the cell
+    assert caught.value.exit_code == 143
+    assert not list((cfg.folder / "cells").glob("*.json"))  # no half cell was written
+    assert "0 of 3 cells saved" in str(caught.value)
+
+
+@pytest.mark.parametrize("which", ["target", "other"])  # Llama-like, Gemma-like
+def test_greedy_tokens_equal_generate_and_stop_each_row_at_its_eos(
+    model_dirs: dict[str, Path], which: str
+) -> None:
+    import torch
+    from transformers import GenerationConfig
+
+    from speccore.bench.generate import greedy_tokens
+
+    loaded = load_model(str(model_dirs[which]))
+    model, tok = loaded.model.eval(), loaded.tokenizer
+    prompts = ["the report", "the team travels to Berlin and Hamburg to meet", "sales", "a b"]
+    ids = encode_prompts(tok, prompts, 32)
+    width = max(map(len, ids))
+    input_ids = torch.tensor([[0] * (width - len(x)) + x for x in ids])
+    mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids])
+    with torch.inference_mode():
+        free = greedy_tokens(model, input_ids, mask, max_new_tokens=8, stops=[-1])
+        # Make two rows stop early: their 2nd and 4th tokens become stop tokens.
+        stops = [free[0][1], free[2][3]]
+        ours = greedy_tokens(model, input_ids, mask, max_new_tokens=8, stops=stops)
+        config = GenerationConfig(
+            do_sample=False, max_new_tokens=8, eos_token_id=stops, pad_token_id=0
+        )
+        theirs = model.generate(input_ids=input_ids, attention_mask=mask, generation_config=config)
+    for row, got in enumerate(ours):
+        assert got[-1] in stops or len(got) == 8
+        assert not set(got[:-1]) & set(stops)  # a row stops at its first stop token
+        assert got == theirs[row, width : width + len(got)].tolist()
+    assert len(ours[0]) <= 2 and len(ours[2]) <= 4  # those rows left the batch early
+    assert [len(r) for r in free] == [8] * 4
+
+
+def test_a_stop_string_ends_a_row_and_cuts_its_text(model_dirs: dict[str, Path]) -> None:
+    loaded = load_model(str(model_dirs["target"]))
+    model, tok = loaded.model, loaded.tokenizer
+    prompts = ["the report", "the team travels to Berlin and Hamburg to meet"]
+    kw = {"max_new_tokens": 12, "max_prompt_tokens": 32, "batch_size": 2}
+    free = generate(model, tok, prompts, **kw)  # type: ignore[arg-type]
+    text = free[0]
+    assert len(text) >= 8  # a random model rambles: take two characters of its middle as a stop
+    stop = text[len(text) // 2 : len(text) // 2 + 2]
+    cut = generate(model, tok, prompts, stop=[stop], **kw)  # type: ignore[arg-type]
+    assert cut[0] == text[: text.find(stop)].strip()
+    assert stop not in cut[1] and free[1].startswith(cut[1])
+
+    from speccore.bench.generate import greedy_tokens, text_stop
+
+    ids = torch.tensor([encode_prompts(tok, prompts[:1], 32)[0]])
+    mask = torch.ones_like(ids)
+    with torch.inference_mode():
+        tokens = greedy_tokens(
+            model, ids, mask, max_new_tokens=12, stops=[-1], done=text_stop(tok, [stop])
+        )[0]
+    assert stop in tok.decode(tokens) and stop not in tok.decode(tokens[:-1])  # no token more
+
+
+def test_generation_stop_must_be_strings(bench_settings: dict[str, Any]) -> None:
+    bench_settings["generation"] = {"stop": [""]}
+    with pytest.raises(ConfigError, match=r"generation\.stop takes non-empty strings"):
+        bench_config_from_dict(bench_settings).validate()

@@ -4,7 +4,8 @@ Inside :func:`interruptible`, the first SIGTERM or SIGINT (Ctrl-C) does not kill
 only marks a stop as requested. The loops that checkpoint (scoring, fine-tuning) call
 :func:`stop_point` between units of work; at the first such point after the signal they save
 their progress and :func:`stop_point` raises :class:`Interrupted`, which carries how much is
-saved. A second signal raises :class:`Interrupted` at once (the loops' exception handlers still
+saved. Loops that keep nothing of a unit in progress (a bench's generation, the bench's loop over
+cells) call :func:`check` instead and stop at once. A second signal raises :class:`Interrupted` at once (the loops' exception handlers still
 keep what they finished). Outside :func:`interruptible` nothing changes: Ctrl-C raises
 ``KeyboardInterrupt`` as usual and SIGTERM ends the process.
 
@@ -135,6 +136,14 @@ def stop_point(save: Callable[[], int], total: int, unit: str = "samples") -> No
         return
     report(save(), total, unit)
     raise _guard.interrupted(_guard.pending)
+
+
+def check() -> None:
+    """Call between two units of work whose unfinished part is not kept (a bench cell's
+    generation): if a stop was requested, raise at once with what was last :func:`report`-ed
+    as saved. Costs one attribute read when no stop is requested."""
+    if _guard is not None and _guard.pending is not None:
+        raise _guard.interrupted(_guard.pending)
 
 
 def _handler(signum: int, _frame: FrameType | None) -> None:

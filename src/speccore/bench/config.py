@@ -81,6 +81,16 @@ class GenerationSettings:
     batch_size: int = 8
     # Prompt tokens kept (cut on data.truncation_side); default data.max_length − max_new_tokens.
     max_prompt_tokens: int | None = None
+    # A row also stops once its text holds one of these strings, and its prediction is cut
+    # before it (lm-evaluation-harness's `until`): ["\n"] for one-line answers, so that a
+    # model that has not yet learned to stop does not ramble on to max_new_tokens.
+    stop: list[str] = field(default_factory=list)
+
+
+#: Settings that change how fast a cell runs, not what it computes (batched greedy generation
+#: gives the rows' one-by-one outputs: tests/test_bench_run.py), so a finished bench resumes
+#: under another value.
+THROUGHPUT_ONLY: tuple[tuple[str, str], ...] = (("generation", "batch_size"),)
 
 
 @dataclass
@@ -202,6 +212,8 @@ class BenchConfig:
         ):
             d.pop(key)
         d["select"] = {k: v for k, v in d["select"].items() if k not in TOKEN_SELECT_FIELDS}
+        for group, key in THROUGHPUT_ONLY:
+            d[group].pop(key)
         return d
 
     def token_settings(self) -> dict[str, Any]:
@@ -227,6 +239,8 @@ class BenchConfig:
         g = self.generation
         if g.max_new_tokens < 1 or g.batch_size < 1:
             raise ConfigError("generation.max_new_tokens and generation.batch_size must be >= 1")
+        if not all(isinstance(x, str) and x for x in g.stop):
+            raise ConfigError(f"generation.stop takes non-empty strings, got {g.stop!r}")
         if self.finetune.seed != TrainSettings.seed:
             raise ConfigError("finetune.seed is not used: each cell's seed comes from `seeds`")
         self.metrics.validate()

@@ -9,16 +9,19 @@ it learned on. Batches come from the same loop as scoring and training
 
 from __future__ import annotations
 
+import inspect
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
+from .. import interrupt
 from ..data import tokenize
 from ..data.tokenized import IGNORE_INDEX, BatchLoop, TokenizedData, length_grouped_batches
 from ..errors import ConfigError, DataError, ModelError
+from ..scoring.losses import accepts_logits_to_keep, position_ids
 
 logger = logging.getLogger(__name__)
 
@@ -65,24 +68,22 @@ def generate(
     batch_size: int = 8,
     max_prompt_tokens: int = 512,
     truncation_side: str = "left",
+    stop: Sequence[str] = (),
     desc: str = "generate",
 ) -> list[str]:
     """Greedy continuations of ``prompts`` (in input order), stopped at EOS, new tokens only.
+    A row whose text comes to hold one of the ``stop`` strings stops too, and its text is cut
+    before the first of them.
 
     Prompts are batched by length (longest first, so a batch too large for memory fails at
     once, and padding stays small) and padded on the left, so every row's last prompt token is
     the position generation continues from.
     """
-    from transformers import GenerationConfig
-
     if max_new_tokens < 1 or batch_size < 1:
         raise ConfigError("generation.max_new_tokens and generation.batch_size must be >= 1")
     encoded = encode_prompts(tokenizer, prompts, max_prompt_tokens, truncation_side)
     stops = stop_token_ids(model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
-    config = GenerationConfig(
-        do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=stops, pad_token_id=pad
-    )
     device = next(model.parameters()).device
     # Longest first, so that a batch too large for memory fails at once; rows of similar length
     # together, so that padding stays small.
@@ -104,18 +105,115 @@ def generate(
             leave=False,
         ) as loop:
             for batch in loop:
-                ids = batch.tensors["input_ids"]
-                out = model.generate(
-                    input_ids=ids,
-                    attention_mask=batch.tensors["attention_mask"],
-                    generation_config=config,
+                interrupt.check()  # a cell's predictions are kept only whole: stop at once
+                new = greedy_tokens(
+                    model,
+                    batch.tensors["input_ids"],
+                    batch.tensors["attention_mask"],
+                    max_new_tokens=max_new_tokens,
+                    stops=stops,
+                    done=text_stop(tokenizer, stop) if stop else None,
                 )
-                new = out[:, ids.shape[1] :].tolist()
                 for i, tokens in zip(batch.samples.tolist(), new, strict=True):
-                    outputs[i] = _decode(tokenizer, tokens, stops)
+                    outputs[i] = _cut(_decode(tokenizer, tokens, stops), stop)
     finally:
         model.train(was_training)
     return outputs
+
+
+def greedy_tokens(
+    model: Any,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    *,
+    max_new_tokens: int,
+    stops: Sequence[int],
+    done: Callable[[list[int]], bool] | None = None,
+) -> list[list[int]]:
+    """Greedy new tokens of each left-padded prompt row, each ending at its first stop token
+    (included), once ``done(tokens)`` holds for the row's new tokens, or after
+    ``max_new_tokens``.
+
+    The same tokens as ``model.generate(do_sample=False)``, computed for less: a row leaves the
+    batch (and its key-value cache) as soon as it stops, where ``generate`` keeps decoding
+    finished rows until the last one stops. On a CPU a decoding step of a large-vocabulary
+    model is mostly its ``lm_head`` (Gemma 3: 262k x 640 per row), so rows that go on decoding
+    after their EOS cost as much as live ones. Positions count real tokens, as in ``generate``.
+    """
+    mask = attention_mask
+    positions = position_ids(mask)
+    keep_last = {"logits_to_keep": 1} if accepts_logits_to_keep(model) else {}
+    out = model(
+        input_ids=input_ids,
+        attention_mask=mask,
+        position_ids=positions,
+        use_cache=True,
+        **keep_last,
+    )
+    cache_arg = _cache_argument(model)
+    cache = _cache_of(out)
+    alive = torch.arange(len(input_ids), device=input_ids.device)  # batch rows still decoding
+    last = positions[:, -1]
+    stop_ids = torch.tensor(list(stops), device=input_ids.device)
+    tokens: list[list[int]] = [[] for _ in range(len(input_ids))]
+    for step in range(max_new_tokens):
+        nxt = out.logits[:, -1].argmax(-1)
+        for row, t in zip(alive.tolist(), nxt.tolist(), strict=True):
+            tokens[row].append(t)
+        going = ~torch.isin(nxt, stop_ids)
+        if done is not None:
+            ended = [done(tokens[row]) for row in alive.tolist()]
+            going &= ~torch.tensor(ended, dtype=torch.bool, device=going.device)
+        if step == max_new_tokens - 1 or not bool(going.any()):
+            break
+        if not bool(going.all()):  # drop the finished rows from the batch and the cache
+            keep = going.nonzero().squeeze(-1)
+            cache.batch_select_indices(keep)
+            alive, nxt, mask, last = alive[keep], nxt[keep], mask[keep], last[keep]
+        mask = torch.cat([mask, mask.new_ones(len(mask), 1)], dim=-1)
+        last = last + 1
+        out = model(
+            input_ids=nxt[:, None],
+            attention_mask=mask,
+            position_ids=last[:, None],
+            use_cache=True,
+            **{cache_arg: cache},
+        )
+        cache = _cache_of(out)
+    return tokens
+
+
+def _cache_argument(model: Any) -> str:
+    """The name under which the model's forward takes its key-value cache: ``cache`` in recent
+    transformers (which deprecates ``past_key_values``), ``past_key_values`` before."""
+    get_base = getattr(model, "get_base_model", None)
+    base = get_base() if callable(get_base) else model
+    try:
+        params = inspect.signature(type(base).forward).parameters
+    except (TypeError, ValueError):
+        return "past_key_values"
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _cache_of(out: Any) -> Any:
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
+
+
+def text_stop(tokenizer: Any, stop: Sequence[str]) -> Callable[[list[int]], bool]:
+    """Whether a row's new tokens decode to text holding one of the ``stop`` strings."""
+
+    def done(tokens: list[int]) -> bool:
+        text = tokenizer.decode(tokens, skip_special_tokens=True)
+        return any(s in text for s in stop)
+
+    return done
+
+
+def _cut(text: str, stop: Sequence[str]) -> str:
+    """``text`` before the first of the ``stop`` strings it holds."""
+    ends = [i for i in (text.find(s) for s in stop) if i >= 0]
+    return text[: min(ends)].strip() if ends else text
 
 
 def _decode(tokenizer: Any, tokens: list[int], stops: list[int]) -> str:

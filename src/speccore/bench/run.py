@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .. import interrupt
 from ..agree import rand_index
 from ..config import TrainSettings
 from ..data import Formatting, load_rows, prompt_texts, tokenize_dataset
@@ -34,7 +35,7 @@ from ..errors import ConfigError, DataError
 from ..io import atomic_open, fingerprint, write_json
 from ..models.pool import ModelPool
 from ..progress import progress
-from .config import BenchConfig, load_bench_config
+from .config import THROUGHPUT_ONLY, BenchConfig, load_bench_config
 from .generate import generate
 from .metrics import evaluate_rows, reference_nll_rows
 from .report import collect_rows, write_reports
@@ -169,6 +170,10 @@ class BenchRunner:
                 "resuming: %d of %d cells already finished", len(result.skipped), len(cells)
             )
         for cell in progress(todo, desc="bench cells", unit="cell"):
+            # A stop signal ends the bench between cells, or inside one at the next batch:
+            # what is saved is the finished cells (and any scoring checkpoint of the cell).
+            interrupt.report(sum(c.name in done for c in cells), len(cells), "cells")
+            interrupt.check()
             record = self.run_cell(cell)
             write_json(cell_path(self.folder, cell.name), record)
             done[cell.name] = record
@@ -311,6 +316,7 @@ class BenchRunner:
             batch_size=g.batch_size,
             max_prompt_tokens=self.cfg.prompt_budget,
             truncation_side=self.cfg.data.truncation_side,
+            stop=g.stop,
             desc=f"generate ({cell.name})",
         )
 
@@ -470,6 +476,10 @@ def check_settings(
         if record.get("settings_fp") == fp:
             continue
         changed = sorted(_diff(_flatten(record.get("settings", {})), _flatten(settings)))
+        # Cells written while a throughput-only setting was still fingerprinted stay valid.
+        changed = [c for c in changed if c not in _THROUGHPUT_KEYS]
+        if "settings" in record and not changed:
+            continue
         raise ConfigError(
             f"bench folder {folder} holds cell {name} made with other settings (changed: "
             f"{', '.join(changed[:6]) or 'unknown'}); use another `out` folder, or delete "
@@ -487,6 +497,9 @@ def check_settings(
                 f"(changed: {', '.join(changed)}); use another `out` folder, or delete the "
                 f"cells named *_tok* in {folder / 'cells'} to rerun them"
             )
+
+
+_THROUGHPUT_KEYS = {f"{group}.{key}" for group, key in THROUGHPUT_ONLY}
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
