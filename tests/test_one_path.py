@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import io
 import re
 from collections.abc import Iterator
@@ -134,16 +135,20 @@ def test_generate_feeds_the_model_the_training_prompt(model_dirs: dict[str, Path
     train = tokenize_dataset(dataset, tokenizer, fmt, MAX_LENGTH)
     n_prompt = train.labels[1].index(next(t for t in train.labels[1] if t != IGNORE_INDEX))
     seen: list[list[int]] = []
-    real_generate = model.generate
+    module = importlib.import_module("speccore.bench.generate")  # the module, not the function
+    real_greedy = module.greedy_tokens
 
-    def spy(input_ids: torch.Tensor, attention_mask: torch.Tensor, **kw: Any) -> Any:
+    def spy(m: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kw: Any) -> Any:
         for ids, mask in zip(input_ids, attention_mask, strict=True):
             seen.append(ids[mask.bool()].tolist())
-        return real_generate(input_ids=input_ids, attention_mask=attention_mask, **kw)
+        return real_greedy(m, input_ids, attention_mask, **kw)
 
-    model.generate = spy
     texts = prompt_texts(dataset, fmt, tokenizer)
-    generate(model, tokenizer, texts, max_new_tokens=2, batch_size=2, max_prompt_tokens=n_prompt)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(module, "greedy_tokens", spy)
+        generate(
+            model, tokenizer, texts, max_new_tokens=2, batch_size=2, max_prompt_tokens=n_prompt
+        )
     assert train.input_ids[1][:n_prompt] in seen
     assert len(seen) == 2 and max(len(s) for s in seen) == n_prompt
 
