@@ -217,7 +217,8 @@ def _cut(text: str, stop: Sequence[str]) -> str:
 
 
 def _decode(tokenizer: Any, tokens: list[int], stops: list[int]) -> str:
-    """Text of the tokens before the first stop token (generate pads finished rows after it)."""
+    """Text of the tokens before the first stop token (:func:`greedy_tokens` ends a row with
+    it)."""
     for k, t in enumerate(tokens):
         if t in stops:
             tokens = tokens[:k]
