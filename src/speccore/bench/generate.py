@@ -9,7 +9,6 @@ it learned on. Batches come from the same loop as scoring and training
 
 from __future__ import annotations
 
-import inspect
 import logging
 import sys
 from collections.abc import Callable, Sequence
@@ -21,7 +20,7 @@ from .. import interrupt
 from ..data import tokenize
 from ..data.tokenized import IGNORE_INDEX, BatchLoop, TokenizedData, length_grouped_batches
 from ..errors import ConfigError, DataError, ModelError
-from ..scoring.losses import accepts_logits_to_keep, position_ids
+from ..scoring.losses import accepts_logits_to_keep, forward_parameters, position_ids
 
 logger = logging.getLogger(__name__)
 
@@ -186,13 +185,7 @@ def greedy_tokens(
 def _cache_argument(model: Any) -> str:
     """The name under which the model's forward takes its key-value cache: ``cache`` in recent
     transformers (which deprecates ``past_key_values``), ``past_key_values`` before."""
-    get_base = getattr(model, "get_base_model", None)
-    base = get_base() if callable(get_base) else model
-    try:
-        params = inspect.signature(type(base).forward).parameters
-    except (TypeError, ValueError):
-        return "past_key_values"
-    return "cache" if "cache" in params else "past_key_values"
+    return "cache" if "cache" in forward_parameters(model) else "past_key_values"
 
 
 def _cache_of(out: Any) -> Any:

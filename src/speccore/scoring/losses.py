@@ -106,26 +106,31 @@ def response_window(labels: Tensor) -> int:
     return length - int(first) + 1
 
 
-_TAKES_LOGITS_TO_KEEP: dict[type, bool] = {}  # model class -> its forward names the argument
+_FORWARD_PARAMETERS: dict[type, frozenset[str]] = {}  # model class -> its forward's names
 
 
-def accepts_logits_to_keep(model: nn.Module) -> bool:
-    """Whether ``model``'s forward takes ``logits_to_keep`` (Hugging Face causal LMs do).
+def forward_parameters(model: nn.Module) -> frozenset[str]:
+    """The parameter names of ``model``'s forward, read once per model class.
 
     A PEFT wrapper passes unknown keyword arguments through to the base model, so the base
-    model's signature decides. A ``**kwargs`` catch-all does not count: it may hand the argument
-    on to code that does not expect it.
+    model's signature decides. A ``**kwargs`` catch-all names no argument: it may hand one on to
+    code that does not expect it.
     """
     get_base = getattr(model, "get_base_model", None)
     base: nn.Module = get_base() if callable(get_base) else model
     cls = type(base)
-    if cls not in _TAKES_LOGITS_TO_KEEP:  # once per class: not a signature inspection per batch
+    if cls not in _FORWARD_PARAMETERS:  # once per class: not a signature inspection per batch
         try:
-            takes = "logits_to_keep" in inspect.signature(cls.forward).parameters
+            names = frozenset(inspect.signature(cls.forward).parameters)
         except (TypeError, ValueError):  # a forward without an introspectable signature
-            takes = False
-        _TAKES_LOGITS_TO_KEEP[cls] = takes
-    return _TAKES_LOGITS_TO_KEEP[cls]
+            names = frozenset()
+        _FORWARD_PARAMETERS[cls] = names
+    return _FORWARD_PARAMETERS[cls]
+
+
+def accepts_logits_to_keep(model: nn.Module) -> bool:
+    """Whether ``model``'s forward takes ``logits_to_keep`` (Hugging Face causal LMs do)."""
+    return "logits_to_keep" in forward_parameters(model)
 
 
 def kept_positions(labels: Tensor) -> int:
