@@ -7,10 +7,11 @@ LoRA adapter, as STAFF's agreement check and ``speccore agree`` score them):
 
 * Spearman of effort and of loss between the small model's and the target's scores;
 * the Rand index of the K = 10 equal-width regions each model's scores induce;
-* cost: the small model's scoring seconds (effort + loss, all rows) and its one-epoch LoRA
-  fine-tune (STAFF's T = 1) estimated from a timed fine-tune on 16 rows scaled by tokens,
-  against the same for the target; plus the derivation's own seconds (block influence and
-  healing), paid once per task and cached.
+* cost, measured side by side (``time_costs``): each target and its derived halves and thirds
+  timed one after the other in this process, nothing else running, on one seeded sample
+  (scoring and a LoRA fine-tune, per row); the cost ratio is the small model's (fine-tune +
+  scoring) per row over its target's. Healing's own seconds are paid once per task (cached)
+  and reported apart.
 
 The cross-family pair (SmolLM2-135M scoring for Gemma-3-270M) sits in the same table. Each
 model is scored once (:func:`speccore.agree.score_rows`) and compared with
@@ -52,6 +53,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TARGETS = ("smollm2-135m", "gemma-3-270m")
 LORA = LoraSettings(r=8, alpha=16, dropout=0.05)  # the mini benches' adapter
 TRAIN = TrainSettings(epochs=1, learning_rate=2e-4, batch_size=8)  # STAFF's small fine-tune, T=1
+COST_SCORE_ROWS, COST_FT_ROWS = 48, 32  # the side-by-side timing's sample (time_costs)
 
 
 @dataclass(frozen=True)
@@ -93,10 +95,9 @@ class Campaign:
         self.targets: dict[str, LoadedModel] = {}
         self.data: dict[tuple[str, str], TokenizedData] = {}
         self.scored: dict[tuple[str, str], ScoredRows] = {}
-        # (wall, CPU) seconds of one-epoch fine-tunes by (task, target, layers); CPU seconds of
-        # scoring by (task, model): process CPU time stays steadier on a shared machine.
-        self.finetune_s: dict[tuple[str, str, int], tuple[float, float]] = {}
-        self.score_cpu: dict[tuple[str, str], float] = {}
+        # Side-by-side timings measured alone (time_costs): seconds per row of scoring and of
+        # fine-tuning, by (task, target, layers kept).
+        self.costs: dict[tuple[str, str, int], dict[str, float]] = {}
         self.rows: list[dict[str, Any]] = []
         self.skipped: list[str] = []
         self.done: list[str] = []
@@ -154,8 +155,7 @@ class Campaign:
         return self.data[key]
 
     def score(self, task: str, loaded: LoadedModel, data: TokenizedData) -> ScoredRows:
-        cpu = time.process_time()
-        scored = score_rows(
+        return score_rows(
             loaded,
             data,
             rows=len(data),
@@ -163,8 +163,6 @@ class Campaign:
             lora=LORA,
             max_batch_tokens=self.args.max_batch_tokens,
         )
-        self.score_cpu[(task, scored.name)] = time.process_time() - cpu
-        return scored
 
     def target_scores(self, task: str, target: str) -> ScoredRows:
         scored = self.scored[(task, target)]
@@ -172,29 +170,54 @@ class Campaign:
             scored.tokenizer = self.target(target).tokenizer
         return scored
 
-    def finetune_seconds(self, loaded: LoadedModel, data: TokenizedData) -> tuple[float, float]:
-        """One epoch of STAFF's LoRA fine-tune on all rows, estimated: a fine-tune of 16 rows
-        (2 steps of 8; the model has just scored, so one-off costs are paid) scaled by the
-        rows' tokens."""
-        rows = sample_rows(len(data), 16, seed=0)
-        sub = data.subset(rows)
+    def time_model(self, loaded: LoadedModel, data: TokenizedData) -> dict[str, float]:
+        """Seconds per row of effort + loss scoring (COST_SCORE_ROWS rows) and of STAFF's LoRA
+        fine-tune (COST_FT_ROWS rows), on one seeded sample, after a warm-up of both."""
+        opts = {"seed": 0, "lora": LORA, "max_batch_tokens": self.args.max_batch_tokens}
+        score_rows(loaded, data, rows=4, **opts)  # warm-up: one-off costs are not per row
+        t = time.perf_counter()
+        score_rows(loaded, data, rows=COST_SCORE_ROWS, **opts)
+        score_s = (time.perf_counter() - t) / COST_SCORE_ROWS
+        sub = data.subset(sample_rows(len(data), COST_FT_ROWS, seed=0))
         model = attach_lora(loaded.model, LORA, seed=0)
         try:
-            t, cpu = time.perf_counter(), time.process_time()
+            finetune(model, sub.subset(range(8)), TRAIN, max_batch_tokens=2048, desc="warm-up")
+            t = time.perf_counter()
             finetune(model, sub, TRAIN, max_batch_tokens=2048, desc="timed fine-tune")
-            seconds, cpu = time.perf_counter() - t, time.process_time() - cpu
+            ft_s = (time.perf_counter() - t) / COST_FT_ROWS
         finally:
             detach_lora(model)
-        scale = float(data.lengths.sum()) / float(sub.lengths.sum())
-        return seconds * scale, cpu * scale
+        return {"score_s_per_row": score_s, "finetune_s_per_row": ft_s}
+
+    def time_costs(self, task: str, target: str) -> None:
+        """The target and its derived 1/2 and 1/3 (uniform, unhealed: healing changes weights,
+        not shapes or cost) timed one after the other in this process, nothing else running."""
+        loaded, data = self.target(target), self.tokens(task, target)
+        total = int(loaded.model.config.get_text_config().num_hidden_layers)
+        self.costs[(task, target, total)] = self.time_model(loaded, data)
+        for frac in (0.5, 1 / 3):
+            folder = derive_model(loaded, settings=DeriveSettings(layers=frac))
+            small = load_model(str(folder), dtype="float32", device="cpu")
+            kept = int(small.model.config.get_text_config().num_hidden_layers)
+            self.costs[(task, target, kept)] = self.time_model(small, data)
+
+    def measured_cost_ratio(self, row: dict[str, Any]) -> float | None:
+        """Small over target (fine-tune + scoring) per row, from the side-by-side timings."""
+        small_layers, total = (int(x) for x in row["layers"].split("/"))
+        if row["small"].startswith("derive"):
+            small_key = (row["task"], row["target"], small_layers)
+        else:  # cross-family: the other target, whole
+            small_key = (row["task"], row["small"], small_layers)
+        target_key = (row["task"], row["target"], total)
+        if small_key not in self.costs or target_key not in self.costs:
+            return None
+        return _per_row(self.costs[small_key]) / _per_row(self.costs[target_key])
 
     # --- items ---------------------------------------------------------------------------
 
     def score_target(self, task: str, target: str) -> None:
         loaded, data = self.target(target), self.tokens(task, target)
         self.scored[(task, target)] = self.score(task, loaded, data)
-        layers = int(loaded.model.config.get_text_config().num_hidden_layers)
-        self.finetune_s[(task, target, layers)] = self.finetune_seconds(loaded, data)
 
     def cross_family(self, task: str) -> None:
         small, target = self.args.targets
@@ -206,19 +229,7 @@ class Campaign:
             for n in self.args.targets
         )
         row = self.row(task, target, small, f"{s_layers}/{t_layers}", "-", 0, report, None)
-        self.add_costs(row, task, (small, s_layers), (target, t_layers))
         self.rows.append(row)
-
-    def add_costs(
-        self, row: dict[str, Any], task: str, small: tuple[str, int], target: tuple[str, int]
-    ) -> None:
-        """Fine-tune (wall and CPU) and scoring CPU seconds of both models, into ``row``."""
-        for side, (name, layers) in (("small", small), ("target", target)):
-            model = target[0] if side == "target" or name.startswith("derive") else name
-            wall, cpu = self.finetune_s[(task, model, layers)]
-            row[f"{side}_finetune_s"], row[f"{side}_finetune_cpu_s"] = wall, cpu
-        row["small_scoring_cpu_s"] = self.score_cpu.get((task, row.pop("_small_name")))
-        row["target_scoring_cpu_s"] = self.score_cpu.get((task, target[0]))
 
     def derived(self, task: str, target: str, settings: DeriveSettings) -> None:
         loaded, data = self.target(target), self.tokens(task, target)
@@ -232,8 +243,6 @@ class Campaign:
         report = compare(small_rows, self.target_scores(task, target), regions=10)
         kept = int(record["num_hidden_layers"])
         total = int(record["target"]["num_hidden_layers"])
-        if (task, target, kept) not in self.finetune_s:
-            self.finetune_s[(task, target, kept)] = self.finetune_seconds(small, data)
         row = self.row(
             task,
             target,
@@ -244,7 +253,6 @@ class Campaign:
             report,
             record,
         )
-        self.add_costs(row, task, (f"derive:{kept}", kept), (target, total))
         self.rows.append(row)
 
     def row(
@@ -281,7 +289,6 @@ class Campaign:
             "derive_s": (record or {}).get("seconds", {}).get("total"),
             "heal_s": heal_record.get("seconds"),
             "kept_layers": (record or {}).get("kept_layers"),
-            "_small_name": report.small,
         }
 
     # --- output --------------------------------------------------------------------------
@@ -290,6 +297,8 @@ class Campaign:
         from speccore.io import atomic_open, write_json
 
         RESULTS.mkdir(parents=True, exist_ok=True)
+        for r in self.rows:
+            r["cost_ratio_alone"] = self.measured_cost_ratio(r)
         payload = {
             "benchmark": "derive_agreement",
             "machine": machine_info("cpu"),
@@ -308,15 +317,14 @@ class Campaign:
                     "scores": {k: v.tolist() for k, v in r.scores.items()},
                     "seconds": r.seconds,
                     "tokens": r.tokens,
-                    "cpu_s": self.score_cpu.get((task, r.name)),
                 }
                 for (task, name), r in self.scored.items()
             },
-            "finetune_s": {"|".join(map(str, k)): list(v) for k, v in self.finetune_s.items()},
+            "costs": {"|".join(map(str, k)): v for k, v in self.costs.items()},
         }
         write_json(RESULTS / f"{self.args.name}.json", payload)
         with atomic_open(RESULTS / f"{self.args.name}.md") as f:
-            f.write(markdown(self.rows, self.skipped, self.elapsed()))
+            f.write(markdown(self.rows, self.skipped, self.elapsed(), self.costs))
 
     def load(self, path: Path) -> None:
         """Resume: the rows, targets' scores and costs of an earlier run of the same setup."""
@@ -337,11 +345,9 @@ class Campaign:
                 seconds=r["seconds"],
                 tokens=r["tokens"],
             )
-            if r.get("cpu_s") is not None:
-                self.score_cpu[(task, r["name"])] = r["cpu_s"]
-        for key, v in old.get("finetune_s", {}).items():
+        for key, v in old.get("costs", {}).items():
             task, target, layers = key.rsplit("|", 2)
-            self.finetune_s[(task, target, int(layers))] = (v[0], v[1])
+            self.costs[(task, target, int(layers))] = v
         logger.info("resumed %d measured items from %s", len(self.done), path)
 
 
@@ -359,19 +365,19 @@ def load_task_rows(task: Task, n: int) -> Any:
     return datasets.Dataset.from_list(rows)
 
 
-def cost_ratio(row: dict[str, Any], cpu: bool = False) -> float | None:
-    """Small (fine-tune + scoring) over target seconds: wall, or process CPU time."""
-    keys = ("finetune_cpu_s", "scoring_cpu_s") if cpu else ("finetune_s", "scoring_s")
-    parts = [row.get(f"{side}_{k}") for side in ("small", "target") for k in keys]
-    if any(p is None for p in parts):
-        return None
-    return (parts[0] + parts[1]) / (parts[2] + parts[3])
+def _per_row(cost: dict[str, float]) -> float:
+    """STAFF's small-model work per row: one fine-tune epoch (T = 1) and one scoring pass."""
+    return cost["finetune_s_per_row"] + cost["score_s_per_row"]
 
 
-def markdown(rows: list[dict[str, Any]], skipped: list[str], elapsed: float) -> str:
+def markdown(
+    rows: list[dict[str, Any]],
+    skipped: list[str],
+    elapsed: float,
+    costs: dict[tuple[str, str, int], dict[str, float]],
+) -> str:
     header = ["task", "target", "small", "layers", "select", "heal", "ρ effort", "ρ loss",
-              "RI effort", "RI loss", "KL before→after", "derive s", "small ft+score s",
-              "target ft+score s", "cost ratio", "CPU-time ratio"]  # fmt: skip
+              "RI effort", "RI loss", "KL before→after", "heal s", "cost ratio"]  # fmt: skip
     body = []
     for r in rows:
         kl = "-" if r["kl_before"] is None else f"{r['kl_before']:.2f}→{r['kl_after']:.2f}"
@@ -388,30 +394,56 @@ def markdown(rows: list[dict[str, Any]], skipped: list[str], elapsed: float) -> 
                 _num(r["rand_effort"]),
                 _num(r["rand_loss"]),
                 kl,
-                "-" if r["derive_s"] is None else f"{r['derive_s']:.0f}",
-                f"{r['small_finetune_s']:.0f}+{r['small_scoring_s']:.0f}",
-                f"{r['target_finetune_s']:.0f}+{r['target_scoring_s']:.0f}",
-                _num(cost_ratio(r), 2),
-                _num(cost_ratio(r, cpu=True), 2),
+                "-" if r.get("heal_s") is None else f"{r['heal_s']:.0f}",
+                _num(r.get("cost_ratio_alone"), 2),
             ]
         )
     lines = [
         "# Derived small models: agreement with the target and cost",
         "",
         "Both models untuned (fresh LoRA r=8), all rows scored; ρ: Spearman; RI: Rand index of",
-        "K = 10 equal-width regions. ft: one-epoch LoRA fine-tune (estimated from 16 timed rows,",
-        "scaled by tokens); score: effort + loss over all rows; seconds on a shared 2-core CPU.",
-        "cost ratio: small (ft + score) / target (ft + score); derive s: layer choice + healing,",
-        f"once per task (cached). Elapsed {elapsed / 60:.1f} min.",
+        "K = 10 equal-width regions; KL: the derived model's mean per-token KL(target ‖ derived)",
+        "on 32 of the task's rows (healing trains on all of them) before and after healing; heal",
+        "s: the healing's seconds (once per task, cached). cost ratio: the small model's seconds",
+        "per row of STAFF's work (a fine-tune epoch",
+        "and a scoring pass) over the target's, from the side-by-side timing below (n/a: not",
+        f"timed). This run (resumed runs keep earlier rows): {elapsed / 60:.1f} min.",
         "",
         "```",
         table(header, body),
         "```",
     ]
+    if costs:
+        lines += ["", *cost_table(costs)]
     if skipped:
-        lines += ["", "Skipped for the time budget:", *[f"- {s}" for s in skipped]]
+        lines += ["", "Not measured (time budget):", *[f"- {s}" for s in skipped]]
     lines += ["", *on_paper()]
     return "\n".join(lines) + "\n"
+
+
+def cost_table(costs: dict[tuple[str, str, int], dict[str, float]]) -> list[str]:
+    """Milliseconds per row, measured one model after the other in one process, alone."""
+    lines = [
+        "## Cost measured side by side",
+        "",
+        f"Each model timed alone on the 2 cores, one after the other, on one seeded sample: "
+        f"effort + loss scoring of {COST_SCORE_ROWS} rows and a LoRA fine-tune (r = 8, batch 8) "
+        f"of {COST_FT_ROWS} rows, each after a warm-up. Derived models unhealed (healing changes "
+        "weights, not cost). ratio: (fine-tune + scoring) per row over the whole target's.",
+        "",
+        "| task | model | layers | fine-tune ms/row | scoring ms/row | ratio |",
+        "| --- | --- | ---: | ---: | ---: | ---: |",
+    ]
+    for (task, target, layers), c in sorted(
+        costs.items(), key=lambda kv: (kv[0][0], kv[0][1], -kv[0][2])
+    ):
+        whole = max(k[2] for k in costs if k[:2] == (task, target))
+        ratio = _per_row(c) / _per_row(costs[(task, target, whole)])
+        lines.append(
+            f"| {task} | {target} | {layers} | {1000 * c['finetune_s_per_row']:.0f} "
+            f"| {1000 * c['score_s_per_row']:.0f} | {ratio:.2f} |"
+        )
+    return lines
 
 
 @dataclass(frozen=True)
@@ -478,10 +510,6 @@ def on_paper() -> list[str]:
         f"{smol.flops(smol.layers, True) / gemma.flops(gemma.layers, True):.2f} of Gemma-3-270M per "
         f"response token but {smol.flops(smol.layers, False) / gemma.flops(gemma.layers, False):.2f}"
         " per prompt token (its 30 layers hold 106M parameters, Gemma's 18 hold 100M).",
-        "",
-        "The measured cost ratios of Gemma at 9/18 layers in the table above (0.16-0.17) are far",
-        "below the 0.5-0.81 these FLOPs allow: those runs shared the 2 cores with other jobs and",
-        "timed 16 rows only, so read them as unreliable until they are measured alone.",
     ]
     return lines
 
@@ -542,23 +570,30 @@ def main() -> None:
             for s in selections
         ]
 
+    def costs(task: str) -> list[Item]:
+        return [(f"{task}: cost {t}", 240, lambda t=t: c.time_costs(task, t)) for t in args.targets]
+
     both = ("uniform", "block-influence")
     # Priority order: what matters most first; the budget cuts from the end.
     plan = [
         *scores("ui"),
         *derived("ui", half, both, 0),
+        *costs("ui"),
         *derived("ui", half, ("uniform",), heal),
         *derived("ui", third, both, 0),
-        *scores("dialogsum"),
-        *derived("dialogsum", third, both, 0),
         *derived("ui", third, ("uniform",), heal),
-        *derived("dialogsum", half, both, 0),
+        *scores("dialogsum"),
+        *costs("dialogsum"),
+        *derived("dialogsum", half, ("uniform",), 0),
+        *derived("dialogsum", half, ("uniform",), heal),
+        *derived("dialogsum", third, both, 0),
+        *derived("dialogsum", half, ("block-influence",), 0),
         *derived("ui", half, ("block-influence",), heal),
     ]
     for label, need, fn in plan:
         c.run(label, need, fn)
     c.write()
-    print(markdown(c.rows, c.skipped, c.elapsed()))
+    print(markdown(c.rows, c.skipped, c.elapsed(), c.costs))
 
 
 if __name__ == "__main__":
