@@ -216,6 +216,8 @@ class Campaign:
     # --- items ---------------------------------------------------------------------------
 
     def score_target(self, task: str, target: str) -> None:
+        if (task, target) in self.scored:  # restored by --resume
+            return
         loaded, data = self.target(target), self.tokens(task, target)
         self.scored[(task, target)] = self.score(task, loaded, data)
 
