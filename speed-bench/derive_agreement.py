@@ -196,7 +196,7 @@ class Campaign:
         total = int(loaded.model.config.get_text_config().num_hidden_layers)
         self.costs[(task, target, total)] = self.time_model(loaded, data)
         for frac in (0.5, 1 / 3):
-            folder = derive_model(loaded, settings=DeriveSettings(layers=frac))
+            folder = derive_model(loaded, settings=DeriveSettings(layers=frac, heal_steps=0))
             small = load_model(str(folder), dtype="float32", device="cpu")
             kept = int(small.model.config.get_text_config().num_hidden_layers)
             self.costs[(task, target, kept)] = self.time_model(small, data)

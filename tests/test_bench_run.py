@@ -40,7 +40,7 @@ def test_shipped_configs_load() -> None:
     assert len(cells) == 1 + 3 + 7 * 2 * 3  # 7 methods × 2 rates × 3 seeds
     assert {"s2l_p0.9_s2", "perplexity_p0.7_s0", "staff-derived_p0.9_s1"} <= set(cells)
     derived = mini.select_config("staff-derived", 0.9, 1)
-    assert derived.method == "staff" and derived.small == "derive:0.5"
+    assert derived.method == "staff" and derived.small == "derive:0.33"
     assert mini.select_config("staff", 0.9, 1).small == "smollm2-135m"
     dialogsum = load_bench_config(REPO / "quality-bench" / "mini-dialogsum.yaml")
     assert dialogsum.data.eval_rows == 100 and len(plan_cells(dialogsum)) == 46

@@ -445,7 +445,11 @@ def test_derive_command(
     assert record is not None and record["settings"]["heal_lr"] == 1e-3
     assert record["settings"]["seed"] == 3 and len(record["block_influence"]) == 2
 
-    # Healing without data: one line naming what to pass, exit code 2.
+    # Healing without data: one line naming what to pass, exit code 2. Healing is the
+    # default, so a bare call without data says how to get an unhealed model.
     assert main(["derive", "--model", target, "--layers", "1", "--heal-steps", "5"]) == 2
     assert "--data" in capsys.readouterr().err
+    assert main(["derive", "--model", target, "--layers", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "--data" in err and "--heal-steps 0" in err and len(err.strip().splitlines()) == 1
     assert main(["derive", "--model", target, "--layers", "x"]) == 2

@@ -147,7 +147,7 @@ def add_derive_parser(sub: Any) -> None:
         "--layers",
         type=parse_layers,
         default=DeriveSettings.layers,
-        help="layers to keep: a count N or a fraction of the target's (default %(default)s)",
+        help="layers to keep: a count N or a fraction of the target's (default 1/3)",
     )
     p.add_argument(
         "--layer-selection",
@@ -155,8 +155,15 @@ def add_derive_parser(sub: Any) -> None:
         default=DeriveSettings.layer_selection,
         help="which layers: evenly spaced, or the highest block influence on --data",
     )
-    p.add_argument("--heal-steps", type=int, default=DeriveSettings.heal_steps)
-    p.add_argument("--heal-lr", type=float, default=DeriveSettings.heal_lr)
+    p.add_argument(
+        "--heal-steps",
+        type=int,
+        default=DeriveSettings.heal_steps,
+        help="distillation steps of 8 rows on --data (default %(default)s; 0: unhealed, no data)",
+    )
+    p.add_argument(
+        "--heal-lr", type=float, default=DeriveSettings.heal_lr, help="default %(default)s"
+    )
     p.add_argument("--heal-mode", choices=HEAL_MODES, default=DeriveSettings.heal_mode)
     p.add_argument("--seed", type=int, default=DeriveSettings.seed)
     p.add_argument(
