@@ -126,9 +126,10 @@ class DeriveSettings:
     * **Its cost is fixed, not per row**, and large on a small task: 278 s (SmolLM2) and 629 s
       (Gemma, whose 262k-entry vocabulary the KL runs over) here, against 1.8 s and 2.9 s per
       row of the whole target's own fine-tune + scoring. Against the target doing that work
-      itself, a derived model saves 0.82 s (SmolLM2) and 0.55 s (Gemma) per row, so 48 steps
-      break even at about 340 and 1,100 rows; the derived folder is cached, so another run or
-      pruning rate does not pay it again.
+      itself, a derived third saves 1.08 s (SmolLM2) and 0.81 s (Gemma) per row (a half 0.82
+      and 0.54), so its healing (223 s and 607 s) breaks even at about 210 and 750 rows (halves:
+      340 and 1,160); the derived folder is cached, so another run or pruning rate does not pay
+      it again.
     * **A third of the layers, uniform.** Healed, Gemma's third agrees with Gemma better than
       its half does (effort 0.67 vs 0.62, loss 0.58 vs 0.44) at 0.72 of its cost instead of
       0.81; SmolLM2's third agrees a little less than its half (0.69 vs 0.72, loss 0.50 vs
