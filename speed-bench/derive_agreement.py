@@ -154,7 +154,7 @@ class Campaign:
             )
         return self.data[key]
 
-    def score(self, task: str, loaded: LoadedModel, data: TokenizedData) -> ScoredRows:
+    def score(self, loaded: LoadedModel, data: TokenizedData) -> ScoredRows:
         return score_rows(
             loaded,
             data,
@@ -219,7 +219,7 @@ class Campaign:
         if (task, target) in self.scored:  # restored by --resume
             return
         loaded, data = self.target(target), self.tokens(task, target)
-        self.scored[(task, target)] = self.score(task, loaded, data)
+        self.scored[(task, target)] = self.score(loaded, data)
 
     def cross_family(self, task: str) -> None:
         small, target = self.args.targets
@@ -241,7 +241,7 @@ class Campaign:
         record = read_derivation(folder)
         assert record is not None
         small = load_model(str(folder), dtype="float32", device="cpu")
-        small_rows = self.score(task, small, data)
+        small_rows = self.score(small, data)
         report = compare(small_rows, self.target_scores(task, target), regions=10)
         kept = int(record["num_hidden_layers"])
         total = int(record["target"]["num_hidden_layers"])

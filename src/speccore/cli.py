@@ -13,6 +13,7 @@ import logging
 import sys
 from collections.abc import Sequence
 from datetime import datetime
+from fractions import Fraction
 from typing import Any, NoReturn
 
 from .errors import ConfigError, SpeccoreError
@@ -147,7 +148,8 @@ def add_derive_parser(sub: Any) -> None:
         "--layers",
         type=parse_layers,
         default=DeriveSettings.layers,
-        help="layers to keep: a count N or a fraction of the target's (default 1/3)",
+        help="layers to keep: a count N or a fraction of the target's "
+        f"(default {Fraction(DeriveSettings.layers).limit_denominator(100)})",
     )
     p.add_argument(
         "--layer-selection",
