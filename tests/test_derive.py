@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import warnings
 from pathlib import Path
 from typing import Any
@@ -35,6 +37,7 @@ from speccore.derive import (
     uniform_layers,
 )
 from speccore.errors import ConfigError, ModelError
+from speccore.interrupt import Interrupted, interruptible
 from speccore.models import LoadedModel, attach_lora, check_family, load_model, tiny_model_folder
 
 LAYERS = 6
@@ -453,3 +456,88 @@ def test_derive_command(
     err = capsys.readouterr().err
     assert "--data" in err and "--heal-steps 0" in err and len(err.strip().splitlines()) == 1
     assert main(["derive", "--model", target, "--layers", "x"]) == 2
+
+
+# --- healing: checkpoint and resume ------------------------------------------------------------
+
+
+def _heal_args(llama: LoadedModel, lr: float = 3e-3) -> tuple[Any, TokenizedData, DeriveSettings]:
+    student = build_derived(llama.model, uniform_layers(LAYERS, 2))
+    return student, rows_data(llama.tokenizer, 12, 0), DeriveSettings(heal_steps=6, heal_lr=lr)
+
+
+def test_sigterm_during_healing_saves_the_step_and_resumes_bit_for_bit(
+    llama: LoadedModel, tmp_path: Path
+) -> None:
+    student, data, settings = _heal_args(llama)
+    whole = heal(llama.model, student, data, settings, max_batch_tokens=96)
+
+    student, _, _ = _heal_args(llama)
+    forwards = []
+
+    def pre_hook(*_args: Any) -> None:
+        forwards.append(1)
+        if len(forwards) == 5:  # inside step 2 or 3: that step is finished, then saved
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    handle = student.register_forward_pre_hook(pre_hook)
+    state = tmp_path / "heal" / "heal_state.pt"
+    with pytest.raises(Interrupted) as caught, interruptible():
+        heal(llama.model, student, data, settings, max_batch_tokens=96, checkpoint=state)
+    handle.remove()
+    e = caught.value
+    assert e.unit == "steps" and e.total == 6 and 0 < e.done < 6 and e.exit_code == 143
+    assert torch.load(state, weights_only=True)["step"] == e.done
+
+    fresh, _, _ = _heal_args(llama)
+    resumed = heal(llama.model, fresh, data, settings, max_batch_tokens=96, checkpoint=state)
+    assert resumed["resumed_at"] == e.done
+    assert resumed["losses"] == whole["losses"]
+    a, b = resumed["model"].state_dict(), whole["model"].state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in b)
+
+
+def test_a_heal_checkpoint_of_another_healing_is_ignored(
+    llama: LoadedModel, tmp_path: Path
+) -> None:
+    state = tmp_path / "heal_state.pt"
+    student, data, settings = _heal_args(llama)
+    heal(llama.model, student, data, settings, max_batch_tokens=96, checkpoint=state)
+    assert torch.load(state, weights_only=True)["step"] == 6
+    student, _, other = _heal_args(llama, lr=1e-3)
+    result = heal(llama.model, student, data, other, max_batch_tokens=96, checkpoint=state)
+    want = heal(llama.model, _heal_args(llama)[0], data, other, max_batch_tokens=96)
+    assert result["resumed_at"] == 0 and result["losses"] == want["losses"]
+
+
+def test_derive_interrupted_while_healing_resumes_and_cleans_up(
+    llama: LoadedModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = rows_data(llama.tokenizer, 8, 1)
+    settings = DeriveSettings(layers=2, heal_steps=4, heal_lr=1e-3)
+    monkeypatch.setenv("SPECCORE_CACHE", str(tmp_path / "whole"))
+    whole = derive_model(llama, settings=settings, data=data, max_batch_tokens=96)
+
+    monkeypatch.setenv("SPECCORE_CACHE", str(tmp_path / "stopped"))
+    calls = []
+    original = derive_module._heal_step
+
+    def stop_in_step_two(*args: Any) -> float:
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)  # the step finishes, is saved, then it stops
+        return original(*args)
+
+    monkeypatch.setattr(derive_module, "_heal_step", stop_in_step_two)
+    with pytest.raises(Interrupted) as caught, interruptible():
+        derive_model(llama, settings=settings, data=data, max_batch_tokens=96)
+    assert caught.value.done == 2
+    monkeypatch.setattr(derive_module, "_heal_step", original)
+    folder = derive_model(llama, settings=settings, data=data, max_batch_tokens=96)
+
+    record = read_derivation(folder)
+    assert record is not None and record["heal"]["resumed_at_step"] == 2
+    assert sorted(p.name for p in folder.parent.iterdir()) == [folder.name]  # state removed
+    a = AutoModelForCausalLM.from_pretrained(folder).state_dict()
+    b = AutoModelForCausalLM.from_pretrained(whole).state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in b)

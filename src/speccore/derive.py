@@ -52,6 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import interrupt
 from .agree import sample_rows
 from .cache import SCORER_VERSIONS, cache_key
 from .data.tokenized import IGNORE_INDEX, TokenizedData, collate, length_grouped_batches
@@ -66,8 +67,10 @@ from .models.load import (
     resolve_model,
 )
 from .models.lora import seeded
+from .progress import progress
 from .scoring.losses import eval_mode, forward, model_device
 from .train import lr_factor, warmup_steps
+from .train.lora import RunState, StepCheckpoint, checkpoint_key, save_for_stop
 
 logger = logging.getLogger(__name__)
 
@@ -548,6 +551,7 @@ def heal(
     settings: DeriveSettings,
     *,
     max_batch_tokens: int = 4096,
+    checkpoint: Path | None = None,
 ) -> dict[str, Any]:
     """Distil ``teacher`` into ``student`` on ``data`` for ``settings.heal_steps`` steps.
 
@@ -559,8 +563,17 @@ def heal(
     come from a seeded permutation, repeated as needed.
 
     ``full`` trains every parameter of the blocks (embeddings, final norm and LM head stay the
-    target's, frozen); ``lora`` trains an adapter on the blocks and merges it into them. Returns
-    ``{"model": the healed student (plain, frozen, eval mode), "losses": each step's KL}``.
+    target's, frozen); ``lora`` trains an adapter on the blocks and merges it into them.
+
+    With ``checkpoint`` (a file path), the state after a step (trained weights, optimizer,
+    schedule, RNG states, the losses so far) is saved there atomically every
+    ``HEAL_CHECKPOINT_SECONDS``, at the end, and when a stop signal arrives inside
+    :func:`speccore.interrupt.interruptible`; a later call with the same student, data and
+    settings resumes from that step and heals to the same weights, bit for bit, as an
+    uninterrupted run (a state of another healing is ignored).
+
+    Returns ``{"model": the healed student (plain, frozen, eval mode), "losses": each step's KL,
+    "resumed_at": the step a checkpoint resumed from (0: none)}``.
     """
     from .models.lora import attach_lora
 
@@ -575,14 +588,14 @@ def heal(
     else:
         for p in decoder_layers(model).parameters():
             p.requires_grad_(True)
-    params = [p for p in model.parameters() if p.requires_grad]
-    losses = _distil(teacher, model, params, data, settings, max_batch_tokens)
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    run = _distil(teacher, model, named, data, settings, max_batch_tokens, checkpoint)
     if settings.heal_mode == "lora":
         model = model.merge_and_unload()
     for p in model.parameters():
         p.requires_grad_(False)
     model.eval()
-    return {"model": model, "losses": losses}
+    return {"model": model, "losses": run.losses, "resumed_at": run.resumed_at}
 
 
 # --- building the folder -------------------------------------------------------------------
@@ -610,8 +623,10 @@ def _build_folder(
     student = build_derived(teacher, kept)
     _, trimmed = derived_config(teacher.config, kept)
     seconds["build"] = time.perf_counter() - t
+    # A long healing checkpoints beside the folder it will publish; removed once published.
+    state = folder.parent / f".{folder.name}.heal" / "heal_state.pt"
     heal_record, student, seconds["heal"] = _heal_stage(
-        teacher, student, data, settings, max_batch_tokens
+        teacher, student, data, settings, max_batch_tokens, state
     )
     record = {
         "format": SCORER_VERSIONS["derive"],
@@ -637,6 +652,7 @@ def _build_folder(
     }
     t = time.perf_counter()
     _save(student, loaded.tokenizer, record, folder, seconds, start, t)
+    shutil.rmtree(state.parent, ignore_errors=True)
 
 
 def _heal_stage(
@@ -645,8 +661,10 @@ def _heal_stage(
     data: TokenizedData | None,
     settings: DeriveSettings,
     max_batch_tokens: int,
+    checkpoint: Path | None = None,
 ) -> tuple[dict[str, Any], Any, float]:
-    """Heal (if asked) and measure the KL before and after on a seeded sample of the rows."""
+    """Heal (if asked; resumable from ``checkpoint``) and measure the KL before and after on
+    a seeded sample of the rows."""
     record: dict[str, Any] = {
         "steps": settings.heal_steps,
         "lr": settings.heal_lr,
@@ -665,8 +683,16 @@ def _heal_stage(
     )
     start = time.perf_counter()
     if settings.heal_steps > 0:
-        result = heal(teacher, student, data, settings, max_batch_tokens=max_batch_tokens)
+        result = heal(
+            teacher,
+            student,
+            data,
+            settings,
+            max_batch_tokens=max_batch_tokens,
+            checkpoint=checkpoint,
+        )
         student = result["model"]
+        record["resumed_at_step"] = result["resumed_at"]  # seconds count this run's steps only
         record["first_step_loss"] = result["losses"][0]
         record["last_step_loss"] = result["losses"][-1]
     seconds = time.perf_counter() - start
@@ -730,49 +756,96 @@ def _is_derivation(folder: Path, key: str) -> bool:
 # --- distillation ----------------------------------------------------------------------------
 
 
+#: How often a healing saves its state (seconds): a full-parameter state is the kept blocks'
+#: weights and two AdamW moments (about 0.4 GB for Gemma-3-270M's third), so not every step;
+#: a hard kill (SIGKILL, power loss) loses at most this much.
+HEAL_CHECKPOINT_SECONDS = 120.0
+
+
+@dataclass
+class _HealRun(RunState):
+    resumed_at: int = 0  # the step a checkpoint resumed from
+
+
 def _distil(
     teacher: nn.Module,
     student: nn.Module,
-    params: list[nn.Parameter],
+    named: list[tuple[str, nn.Parameter]],
     data: TokenizedData,
     settings: DeriveSettings,
     max_batch_tokens: int,
-) -> list[float]:
-    """The heal loop; returns each step's mean per-token KL."""
+    checkpoint: Path | None,
+) -> _HealRun:
+    """The heal loop (resumable from ``checkpoint``); the run with each step's mean KL."""
     steps = settings.heal_steps
+    params = [p for _, p in named]
     optimizer = torch.optim.AdamW(params, lr=settings.heal_lr, weight_decay=0.0)
     scheduler = _warmup_cosine(optimizer, steps)
-    device = model_device(student)
-    losses: list[float] = []
+    run = _HealRun(steps)
+    saver = None
+    if checkpoint is not None:
+        key = checkpoint_key(named, data, settings, max_batch_tokens)
+        saver = StepCheckpoint(checkpoint, key, None, HEAL_CHECKPOINT_SECONDS, label="heal")
     student.train()
     try:
         with seeded(settings.seed, student), eval_mode(teacher):
-            for step, rows in enumerate(_heal_rows(len(data), settings)):
-                pieces = length_grouped_batches(data.lengths, max_batch_tokens, indices=rows)
-                batches = [collate(data, piece) for piece in pieces]
-                n_tokens = sum(int(b["attention_mask"].sum()) for b in batches)
-                total = 0.0
-                for cpu_batch in batches:
-                    batch = {k: v.to(device) for k, v in cpu_batch.items()}
-                    # no_grad, not inference_mode: the KL's backward reads the teacher's log-probs.
-                    with torch.no_grad():
-                        teacher_logp = _teacher_log_probs(teacher, batch)
-                    kl = _kl_sum(teacher_logp, student, batch)
-                    del teacher_logp
-                    (kl / n_tokens).backward()
-                    total += float(kl.detach())
-                loss = total / n_tokens
+            if saver is not None:
+                saver.load(student, named, optimizer, scheduler, run)
+                run.resumed_at = run.step
+            plan = _heal_rows(len(data), settings)[run.step :]
+            bar = progress(plan, desc="heal", unit="step", initial=run.step, total=steps)
+            for rows in bar:
+                loss = _heal_step(teacher, student, data, rows, max_batch_tokens)
                 if not math.isfinite(loss):
-                    raise ModelError(f"healing loss became {loss} at step {step}: lower --heal-lr")
+                    raise ModelError(
+                        f"healing loss became {loss} at step {run.step}: lower --heal-lr"
+                    )
                 torch.nn.utils.clip_grad_norm_(params, 1.0)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 scheduler.step()
-                losses.append(loss)
-                logger.debug("heal step %d: KL %.4f", step, loss)
+                run.step += 1
+                run.losses.append(loss)
+                bar.set_postfix(kl=f"{loss:.3f}", refresh=False)
+                logger.debug("heal step %d: KL %.4f", run.step, loss)
+                if saver is not None:
+                    saver.maybe_save(named, optimizer, scheduler, run)
+                interrupt.stop_point(
+                    lambda: save_for_stop(saver, named, optimizer, scheduler, run), steps, "steps"
+                )
+            if saver is not None:  # a crash before the folder is published keeps the healing
+                saver.save(named, optimizer, scheduler, run)
+    except interrupt.Interrupted as e:
+        e.update(0 if saver is None else saver.saved_step, steps, "steps")
+        raise
     finally:
         student.eval()
-    return losses
+    return run
+
+
+def _heal_step(
+    teacher: nn.Module,
+    student: nn.Module,
+    data: TokenizedData,
+    rows: np.ndarray,
+    max_batch_tokens: int,
+) -> float:
+    """Accumulate the gradient of one step's mean per-token KL over ``rows``; that KL."""
+    device = model_device(student)
+    pieces = length_grouped_batches(data.lengths, max_batch_tokens, indices=rows)
+    batches = [collate(data, piece) for piece in pieces]
+    n_tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+    total = 0.0
+    for cpu_batch in batches:
+        batch = {k: v.to(device) for k, v in cpu_batch.items()}
+        # no_grad, not inference_mode: the KL's backward reads the teacher's log-probs.
+        with torch.no_grad():
+            teacher_logp = _teacher_log_probs(teacher, batch)
+        kl = _kl_sum(teacher_logp, student, batch)
+        del teacher_logp
+        (kl / n_tokens).backward()
+        total += float(kl.detach())
+    return total / n_tokens
 
 
 def _warmup_cosine(optimizer: torch.optim.Optimizer, steps: int) -> Any:

@@ -93,11 +93,11 @@ def finetune(
         optimizer, lambda step: lr_factor(step, len(plan), warmup)
     )
     device = next(model.parameters()).device
-    run = _Run(len(plan))
+    run = RunState(len(plan))
     saver = None
     if checkpoint is not None:
-        key = _checkpoint_key(named, data, settings, max_batch_tokens)
-        saver = _Checkpoint(
+        key = checkpoint_key(named, data, settings, max_batch_tokens)
+        saver = StepCheckpoint(
             Path(checkpoint) / CHECKPOINT_FILE, key, checkpoint_steps, checkpoint_seconds
         )
     lengths = data.lengths
@@ -131,7 +131,7 @@ def finetune(
                         if saver is not None:
                             saver.maybe_save(named, optimizer, scheduler, run)
                         interrupt.stop_point(
-                            lambda: _save_for_stop(saver, named, optimizer, scheduler, run),
+                            lambda: save_for_stop(saver, named, optimizer, scheduler, run),
                             len(plan),
                             "steps",
                         )
@@ -235,8 +235,9 @@ def _learned_tokens(data: TokenizedData) -> np.ndarray:
 
 
 @dataclass
-class _Run:
-    """What a fine-tune has done so far (saved with its checkpoint)."""
+class RunState:
+    """What a training loop (a fine-tune, a derived model's healing) has done so far (saved
+    with its checkpoint)."""
 
     n_steps: int
     step: int = 0  # optimizer steps done
@@ -251,7 +252,7 @@ def _finish_step(
     scheduler: Any,
     params: list[torch.nn.Parameter],
     settings: TrainSettings,
-    run: _Run,
+    run: RunState,
     n_tokens: int,
 ) -> None:
     """Clip, step the optimizer (if the step had ``n_tokens`` to learn) and the schedule."""
@@ -274,12 +275,12 @@ def _finish_step(
     run.step, run.step_loss = step + 1, 0.0
 
 
-def _save_for_stop(
-    saver: _Checkpoint | None,
+def save_for_stop(
+    saver: StepCheckpoint | None,
     named: list[tuple[str, torch.nn.Parameter]],
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
-    run: _Run,
+    run: RunState,
 ) -> int:
     """Save for a requested stop; the steps now on disk (0 without a checkpoint)."""
     if saver is None:
@@ -288,11 +289,22 @@ def _save_for_stop(
     return saver.saved_step
 
 
-class _Checkpoint:
-    """The fine-tune's state file: when to write it, writing it, and resuming from it."""
+class StepCheckpoint:
+    """A training loop's state file: when to write it, writing it, and resuming from it.
 
-    def __init__(self, path: Path, key: str, steps: int | None, seconds: float | None) -> None:
-        self.path, self.key = path, key
+    Used by :func:`finetune` and by the healing of a derived model; ``key`` (see
+    :func:`checkpoint_key`) says which run a state belongs to, and a state of another run is
+    ignored."""
+
+    def __init__(
+        self,
+        path: Path,
+        key: str,
+        steps: int | None,
+        seconds: float | None,
+        label: str = "fine-tune",
+    ) -> None:
+        self.path, self.key, self.label = path, key, label
         self.steps, self.seconds = steps, seconds
         self.saved_step = 0
         self.last_save = time.monotonic()
@@ -302,7 +314,7 @@ class _Checkpoint:
         named: list[tuple[str, torch.nn.Parameter]],
         optimizer: torch.optim.Optimizer,
         scheduler: Any,
-        run: _Run,
+        run: RunState,
     ) -> None:
         by_steps = self.steps is not None and run.step - self.saved_step >= self.steps
         by_time = self.seconds is not None and time.monotonic() - self.last_save >= self.seconds
@@ -314,7 +326,7 @@ class _Checkpoint:
         named: list[tuple[str, torch.nn.Parameter]],
         optimizer: torch.optim.Optimizer,
         scheduler: Any,
-        run: _Run,
+        run: RunState,
     ) -> None:
         if run.step == self.saved_step and self.path.exists():
             return
@@ -334,7 +346,7 @@ class _Checkpoint:
         self.saved_step = run.step
         self.last_save = time.monotonic()
         interrupt.report(run.step, run.n_steps, "steps")
-        logger.debug("fine-tune checkpoint %s: step %d", self.path, run.step)
+        logger.debug("%s checkpoint %s: step %d", self.label, self.path, run.step)
 
     def load(
         self,
@@ -342,7 +354,7 @@ class _Checkpoint:
         named: list[tuple[str, torch.nn.Parameter]],
         optimizer: torch.optim.Optimizer,
         scheduler: Any,
-        run: _Run,
+        run: RunState,
     ) -> None:
         """Take over a state saved by this very fine-tune, if there is one."""
         if not self.path.exists():
@@ -351,10 +363,10 @@ class _Checkpoint:
             state = torch.load(self.path, map_location="cpu", weights_only=True)
             key, step = str(state["key"]), int(state["step"])
         except (OSError, RuntimeError, ValueError, KeyError, EOFError) as e:
-            logger.warning("ignoring unreadable fine-tune checkpoint %s: %s", self.path, e)
+            logger.warning("ignoring unreadable %s checkpoint %s: %s", self.label, self.path, e)
             return
         if key != self.key or not 0 < step <= run.n_steps:
-            logger.info("ignoring fine-tune checkpoint %s: made for another fine-tune", self.path)
+            logger.info("ignoring %s checkpoint %s: made for another run", self.label, self.path)
             return
         with torch.no_grad():
             for name, p in named:
@@ -366,17 +378,18 @@ class _Checkpoint:
         run.samples, run.tokens = int(state["samples"]), int(state["tokens"])
         self.saved_step = step
         interrupt.report(step, run.n_steps, "steps")
-        logger.info("resumed fine-tune at step %d of %d from %s", step, run.n_steps, self.path)
+        logger.info("resumed %s at step %d of %d from %s", self.label, step, run.n_steps, self.path)
 
 
-def _checkpoint_key(
+def checkpoint_key(
     named: list[tuple[str, torch.nn.Parameter]],
     data: TokenizedData,
-    settings: TrainSettings,
+    settings: object,
     max_batch_tokens: int | None,
 ) -> str:
     """What a resumable state must match: the initial trainable weights (names, dtypes,
-    values), the data with its token masks, the settings and the batching."""
+    values), the data with its token masks, the settings (a dataclass: every field) and the
+    batching."""
     weights = [
         (n, str(p.dtype), p.detach().cpu().contiguous().view(torch.uint8).numpy()) for n, p in named
     ]
