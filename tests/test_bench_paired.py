@@ -25,6 +25,7 @@ from speccore.bench.metrics import (
     reference_nll_rows,
 )
 from speccore.bench.paired import (
+    VS_BASE,
     VS_BEST,
     VS_RANDOM,
     compare_cells,
@@ -36,6 +37,7 @@ from speccore.bench.paired import (
     settings_from_cells,
     write_paired_csv,
 )
+from speccore.bench.tables import render_tables, variant_table
 from speccore.data.tokenized import IGNORE_INDEX, TokenizedData
 from speccore.models.tiny import tiny_causal_lm
 
@@ -290,6 +292,31 @@ def test_only_seeds_both_methods_ran_are_paired() -> None:
     staff, rand = cells["staff_s0"], cells["random_s0"]
     expected = np.mean(np.subtract(staff["per_row"]["rougeL"], rand["per_row"]["rougeL"]))
     assert d.delta == pytest.approx(expected)
+
+
+def test_a_variant_is_compared_with_the_method_it_varies() -> None:
+    cells = bench_cells()
+    for s in (0, 1):  # another small model: random's predictions, NLL 0.5 lower than random
+        cells[f"derived_s{s}"] = cell("staff-derived", s, PRED_B[s], [x - 0.5 for x in NLL])
+    bases = {"staff-derived": "staff", "ccs": "random"}
+    diffs = by_key(compare_cells(cells, bases=bases))
+    nll = diffs[("nll", "staff-derived", "staff", VS_BASE)]
+    # NLL − 0.5 against staff's − 0.25, on every row: −0.25 with a zero-width interval.
+    assert (nll.delta, nll.lo, nll.hi) == pytest.approx((-0.25, -0.25, -0.25)) and nll.better
+    # Same predictions as random: the ROUGE-L difference is random − staff.
+    rouge = diffs[("rougeL", "staff-derived", "staff", VS_BASE)]
+    staff = diffs[("rougeL", "staff", "random", VS_RANDOM)]
+    assert rouge.delta == pytest.approx(-staff.delta)
+    # A variant of random is compared with random once (as against random); none without bases.
+    assert not any(k[1] == "ccs" and k[3] == VS_BASE for k in diffs)
+    assert not any(k[3] == VS_BASE for k in by_key(compare_cells(cells)))
+
+    table = variant_table(list(diffs.values()))
+    (line,) = [x for x in table.splitlines() if x.startswith("| staff-derived − staff |")]
+    assert line.startswith("| staff-derived − staff | 0.5 | -") and line.endswith("▲ |")
+    rows = [{"method": "staff", "prune_rate": 0.5, "seed": 0, "rougeL": 1.0}]
+    assert "## Variants vs their method" in render_tables(rows, comparisons=list(diffs.values()))
+    assert variant_table(compare_cells(cells)) == ""
 
 
 def test_paired_csv_round_trip(tmp_path: Path) -> None:

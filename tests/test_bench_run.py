@@ -157,6 +157,32 @@ def test_micro_bench_end_to_end_through_the_cli(
     assert "no finished cells" in capsys.readouterr().err
 
 
+def test_a_variant_with_a_derived_small_model_is_run_and_compared_with_its_method(
+    bench_settings: dict[str, Any],
+) -> None:
+    variant = {"method": "staff", "small": "derive:0.5,heal_steps=2"}
+    bench_settings.update(
+        methods=["staff", "staff-derived"],
+        variants={"staff-derived": variant},
+        zero_shot=False,
+        full=False,
+    )
+    cfg = bench_config_from_dict(bench_settings)
+    run_bench(cfg, plots=False)
+    cells = {p.stem: json.loads(p.read_text()) for p in (cfg.folder / "cells").glob("*.json")}
+    derived, staff = cells["staff-derived_p0.5_s0"], cells["staff_p0.5_s0"]
+    assert derived["variant"] == variant and "variant" not in staff
+    assert "small derive" in derived["selection"]["timings"]
+    assert "small derive" not in staff["selection"]["timings"]
+    plan = json.loads((cfg.folder / "bench_config.json").read_text())
+    assert plan["variants"] == {"staff-derived": variant}
+    table = (cfg.folder / "table.md").read_text(encoding="utf-8")
+    variants = table.split("## Variants vs their method")[1].split("##")[0]
+    assert "| staff-derived − staff | 0.5 |" in variants
+    agreement = table.split("## Small/target agreement")[1].split("##")[0]
+    assert "| staff | 0.5 |" in agreement and "| staff-derived | 0.5 |" in agreement
+
+
 def metric_blocks(folder: Path) -> str:
     return (folder / "table.md").read_text(encoding="utf-8").split("## Selection overhead")[0]
 

@@ -263,7 +263,7 @@ def test_full_markdown_has_both_metrics_agreement_and_overhead(
         "## Selection overhead",
     ):
         assert heading in md
-    assert "| 0.5 | 0.700 | 0.600 | 2 |" in md
+    assert "| staff | 0.5 | 0.700 | 0.600 | 2 |" in md
     # 383.4 s of selection + 560 s of fine-tuning + 15 × 5 s of evaluation, summed by hand.
     assert md.rstrip().endswith(
         "_Compute: 15 cells, selection 383 s + fine-tune 560 s + evaluation 75 s = 1018 s "

@@ -124,7 +124,7 @@ def test_token_cells_train_with_masks_and_resume_adds_only_them(
     assert labels[:5] == ["method", "---", "staff", "staff +tok0.6", "random"]
     assert "| p = 0.5 |" in table
     agreement = table.split("## Small/target agreement")[1].split("##")[0]
-    (line,) = [x for x in agreement.splitlines() if x.startswith("| 0.5 |")]
+    (line,) = [x for x in agreement.splitlines() if x.startswith("| staff | 0.5 |")]
     assert line.endswith("| 1 |")  # the token cell repeats its seed's selection: counted once
     assert (folder / "rougeL_vs_prune_rate.png").read_bytes()[:4] == b"\x89PNG"
 

@@ -178,6 +178,10 @@ class BenchConfig:
         """The registered method of a method or variant name."""
         return str(self.variants.get(name, {}).get("method", name))
 
+    def variant_bases(self) -> dict[str, str]:
+        """Each variant's name → the method it varies (the bench compares the two)."""
+        return {name: self.base_method(name) for name in self.variants}
+
     def train_path(self) -> str:
         """The data selections run on: a subset file in the bench folder, or the data itself."""
         if self.data.train_rows is None:

@@ -48,15 +48,24 @@ import numpy as np
 
 from ..io import atomic_open
 from .metrics import MetricSettings, bleu_from_statistics_batch, bleu_statistics
-from .tables import FULL, RANDOM, ZERO_SHOT, higher_is_better, order_by_mean, row_label
+from .tables import (
+    FULL,
+    RANDOM,
+    VARIANT_KIND,
+    ZERO_SHOT,
+    higher_is_better,
+    order_by_mean,
+    row_label,
+)
 
 logger = logging.getLogger(__name__)
 
 #: Metrics compared per row; ``bleu4`` is resampled through its sufficient statistics.
 PAIRED_METRICS = ("rougeL", "bleu4", "nll")
-#: ``kind`` of a comparison: against random, or against the best other method row at that rate
-#: (for the leader, the runner-up).
-VS_RANDOM, VS_BEST = RANDOM, "best_other"
+#: ``kind`` of a comparison: against random, against the best other method row at that rate
+#: (for the leader, the runner-up), or a variant against the method it varies (``staff-derived``
+#: − ``staff``: does another small model select better?).
+VS_RANDOM, VS_BEST, VS_BASE = RANDOM, "best_other", VARIANT_KIND
 _MAX_ENTRIES = 2_000_000  # resample-count matrix entries drawn at once
 _CACHED_ENTRIES = 4_000_000  # up to 32 MB of counts kept per cached set
 
@@ -78,8 +87,8 @@ class PairedResult:
 
 @dataclass(frozen=True)
 class PairedDiff(PairedResult):
-    """``method`` − ``baseline`` on ``metric`` at ``prune_rate`` (``kind``: :data:`VS_RANDOM`
-    or :data:`VS_BEST`)."""
+    """``method`` − ``baseline`` on ``metric`` at ``prune_rate`` (``kind``: :data:`VS_RANDOM`,
+    :data:`VS_BEST` or :data:`VS_BASE`)."""
 
     metric: str = ""
     prune_rate: float = 0.0
@@ -267,10 +276,13 @@ def compare_cells(
     settings: MetricSettings | None = None,
     references: Sequence[Sequence[str]] | None = None,
     metrics: Iterable[str] = PAIRED_METRICS,
+    bases: Mapping[str, str] | None = None,
 ) -> list[PairedDiff]:
     """Every paired comparison the cells allow: per pruning rate and metric, each method row
     against ``random`` and against the best other method row (by mean over seeds; for the
-    leader, the runner-up). Zero-shot and full-data cells are not compared.
+    leader, the runner-up), and each variant in ``bases`` (variant name → the method it varies,
+    a bench config's ``variants``) against its method. Zero-shot and full-data cells are not
+    compared.
 
     ``settings`` default to those the cells recorded. A pair is left out when the two rows
     share no seed with per-row values of the metric on the same number of rows (cells written
@@ -282,7 +294,7 @@ def compare_cells(
     for rate in sorted({rate for _, rate in groups}):
         at_rate = {label: g for (label, r), g in groups.items() if r == rate}
         for metric in metrics:
-            out += _compare_at(at_rate, metric, rate, settings)
+            out += _compare_at(at_rate, metric, rate, settings, bases or {})
     return out
 
 
@@ -304,9 +316,17 @@ def _groups(
 
 
 def _compare_at(
-    groups: dict[str, _Group], metric: str, rate: float, settings: MetricSettings
+    groups: dict[str, _Group],
+    metric: str,
+    rate: float,
+    settings: MetricSettings,
+    bases: Mapping[str, str],
 ) -> list[PairedDiff]:
     pairs = [(m, RANDOM, VS_RANDOM) for m in groups if m != RANDOM and RANDOM in groups]
+    # Against random already: a variant of random is compared once.
+    pairs += [
+        (m, bases[m], VS_BASE) for m in groups if bases.get(m) in groups and bases[m] != RANDOM
+    ]
     order = order_by_mean({m: g.mean(metric) for m, g in groups.items()}, higher_is_better(metric))
     for m in groups:
         others = [o for o in order if o != m]

@@ -80,16 +80,22 @@ def collect_rows(
 
 
 def write_reports(
-    folder: Path, cells: Mapping[str, Mapping[str, Any]], *, plots: bool = True
+    folder: Path,
+    cells: Mapping[str, Mapping[str, Any]],
+    *,
+    plots: bool = True,
+    bases: Mapping[str, str] | None = None,
 ) -> list[Path]:
-    """Write ``results.csv`` and ``table.md`` (and the plots) from ``cells``; returns the paths."""
+    """Write ``results.csv`` and ``table.md`` (and the plots) from ``cells``; returns the paths.
+
+    ``bases``: each variant's method (:meth:`BenchConfig.variant_bases`), to compare the two."""
     rows = collect_rows(cells, planned_methods(folder))
     if not rows:
         return []
     csv_path, table_path = folder / "results.csv", folder / "table.md"
     paired_path = folder / "paired.csv"
     write_results_csv(csv_path, rows)
-    comparisons = compare_cells(cells, metric_settings(cells))
+    comparisons = compare_cells(cells, metric_settings(cells), bases=bases)
     write_paired_csv(paired_path, comparisons)
     with atomic_open(table_path) as f:
         f.write(render_tables(rows, title=f"Bench results: {folder.name}", comparisons=comparisons))

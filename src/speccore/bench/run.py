@@ -178,8 +178,11 @@ class BenchRunner:
             write_json(cell_path(self.folder, cell.name), record)
             done[cell.name] = record
             result.ran.append(cell.name)
-            write_reports(self.folder, done, plots=False)  # tables stay current during a bench
-        result.outputs = write_reports(self.folder, done, plots=plots)
+            # The tables stay current during a bench.
+            write_reports(self.folder, done, plots=False, bases=self.cfg.variant_bases())
+        result.outputs = write_reports(
+            self.folder, done, plots=plots, bases=self.cfg.variant_bases()
+        )
         result.rows = collect_rows(done)
         return result
 
@@ -217,6 +220,12 @@ class BenchRunner:
             "per_row": per_row,
             "settings_fp": self.settings_fp,
             "settings": self.settings,
+            # A variant's own settings (another small model...), which `settings` does not show.
+            **(
+                {"variant": self.cfg.variants[cell.method]}
+                if cell.method in self.cfg.variants
+                else {}
+            ),
             **({"token_settings": self.token_settings} if cell.token_keep < 1 else {}),
             "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
@@ -523,6 +532,7 @@ def _plan(cfg: BenchConfig) -> dict[str, Any]:
         "seeds": cfg.seeds,
         "token_keeps": cfg.token_keeps,
         "token_methods": cfg.token_methods,
+        "variants": cfg.variants,
         "full": cfg.full,
         "zero_shot": cfg.zero_shot,
     }
@@ -622,4 +632,4 @@ def report_only(config: BenchConfig | str | Path, *, plots: bool = True) -> list
     if not cells:
         raise ConfigError(f"no finished cells in {cfg.folder / 'cells'}; run the bench first")
     check_settings(cells, cfg.settings_dict(), cfg.folder, cfg.token_settings())
-    return write_reports(cfg.folder, cells, plots=plots)
+    return write_reports(cfg.folder, cells, plots=plots, bases=cfg.variant_bases())

@@ -34,6 +34,8 @@ FULL = "full"
 ZERO_SHOT = "zero-shot"
 REFERENCE_LABELS = {ZERO_SHOT: "zero-shot (no fine-tuning)", FULL: "full data (p = 0)"}
 RANDOM = "random"
+#: ``PairedDiff.kind`` of a variant compared with the method it varies (see bench.paired).
+VARIANT_KIND = "base"
 METRICS = {
     "rougeL": "ROUGE-L (F1 × 100)",
     "bleu4": "BLEU-4",
@@ -173,9 +175,12 @@ def render_tables(
                 delta_table(rows, comparisons, metric),
                 "",
             ]
+    variants = variant_table(comparisons or [])
+    if variants:
+        parts += ["## Variants vs their method", "", variants, ""]
     agreement = agreement_table(rows)
     if agreement:
-        parts += ["## Small/target agreement (STAFF)", "", agreement, ""]
+        parts += ["## Small/target agreement", "", agreement, ""]
     parts += ["## Selection overhead (seconds)", "", overhead_table(rows), ""]
     parts += [compute_line(rows), ""]
     return "\n".join(parts)
@@ -469,6 +474,29 @@ def _delta_note(found: Sequence[PairedDiff], metric: str) -> str:
     )
 
 
+def variant_table(comparisons: Sequence[PairedDiff]) -> str:
+    """Each variant − the method it varies (``staff-derived − staff``: another small model),
+    per pruning rate and metric, paired like the "Δ vs random" blocks; empty without variants."""
+    found = [d for d in comparisons if d.kind == VARIANT_KIND]
+    if not found:
+        return ""
+    pairs = list(dict.fromkeys((d.method, d.baseline, d.prune_rate) for d in found))
+    metrics = [m for m in METRICS if any(d.metric == m for d in found)]
+    header = ["variant − method", "p", *[SHORT_NAMES[m] for m in metrics]]
+    lines = [_md_row(header), _md_row(["---"] * len(header))]
+    for method, base, rate in pairs:
+        cells = [_delta_cell(find_diff(found, m, rate, method, base)) for m in metrics]
+        lines.append(_md_row([f"{method} − {base}", f"{rate:g}", *cells]))
+    seeds = _plural(_span(d.n_seeds for d in found), "seed")
+    note = (
+        f"_Δ = variant − its method on the same evaluation rows, mean over the {seeds} both "
+        f"ran ± the seed-to-seed std; [lo, hi]: {100 * found[0].confidence:g}% paired "
+        "bootstrap interval over the rows; ▲ better / ▼ worse (reference NLL: lower is "
+        "better), only where the interval excludes 0._"
+    )
+    return "\n".join(lines) + "\n\n" + note
+
+
 def _span(values: Iterable[int]) -> str:
     vals = sorted(set(values))
     return str(vals[0]) if len(vals) == 1 else f"{vals[0]}-{vals[-1]}"
@@ -557,32 +585,38 @@ def _capitalised(sentences: Sequence[str]) -> list[str]:
 
 
 def agreement_table(rows: Sequence[dict[str, Any]]) -> str:
-    """Spearman (small vs target effort on the verified samples) and the Rand index of the
-    regions each induces, per pruning rate, mean over seeds; empty without STAFF rows."""
-    staff = [r for r in rows if r["method"] == "staff" and r.get("agreement") is not None]
-    if not staff:
+    """Per method row with a small model (STAFF and its variants, e.g. another small model) and
+    pruning rate: Spearman (small vs target effort on the verified samples) and the Rand index
+    of the regions each induces, mean over seeds; empty without such rows."""
+    measured = [r for r in rows if r.get("agreement") is not None]
+    if not measured:
         return ""
-    lines = [_md_row(["p", "Spearman", "Rand index", "seeds"]), _md_row(["---"] * 4)]
-    for p in prune_rates_in(staff):
-        # STAFF's token cells repeat the sample selection (and its agreement) of their seed:
-        # one row per seed.
-        by_seed = {
-            r["seed"]: r
-            for r in reversed(staff)
-            if math.isclose(float(r["prune_rate"]), p, abs_tol=1e-9)
-        }
-        group = list(by_seed.values())
-        rho, rand = _mean(r["agreement"] for r in group), _mean(r.get("rand_index") for r in group)
-        lines.append(
-            _md_row(
-                [
-                    f"{p:g}",
-                    _num(rho, 3),
-                    _num(rand, 3) if rand is not None else "—",
-                    str(len(group)),
-                ]
+    header = ["method", "p", "Spearman", "Rand index", "seeds"]
+    lines = [_md_row(header), _md_row(["---"] * len(header))]
+    for method in dict.fromkeys(str(r["method"]) for r in measured):
+        mine = [r for r in measured if r["method"] == method]
+        for p in prune_rates_in(mine):
+            # Token cells repeat the sample selection (and its agreement) of their seed: one row
+            # per seed.
+            by_seed = {
+                r["seed"]: r
+                for r in reversed(mine)
+                if math.isclose(float(r["prune_rate"]), p, abs_tol=1e-9)
+            }
+            group = list(by_seed.values())
+            rho = _mean(r["agreement"] for r in group)
+            rand = _mean(r.get("rand_index") for r in group)
+            lines.append(
+                _md_row(
+                    [
+                        method,
+                        f"{p:g}",
+                        _num(rho, 3),
+                        _num(rand, 3) if rand is not None else "—",
+                        str(len(group)),
+                    ]
+                )
             )
-        )
     return "\n".join(lines)
 
 
