@@ -115,7 +115,17 @@ class DeriveSettings:
     SmolLM2 1/2 uniform, healed 48       0.72      0.60    0.76       0.54        278
     Gemma 1/3 uniform, healed 48         0.67      0.58    0.76       0.72        607
     SmolLM2 1/3 uniform, healed 48       0.69      0.50    0.75       0.40        223
+    Gemma 1/3 block-influence, healed 48 0.70      0.60    0.76       0.72        508
+    SmolLM2 1/3 block-infl., healed 48   0.73      0.66    0.75       0.40        182
     ===================================  ========  ======  =========  ==========  ======
+
+    On DialogSum (100 rows, prompts about three times as long): SmolLM2 → Gemma 0.44 / 0.82
+    (ρ effort / ρ loss), cost 0.64; Gemma's third unhealed 0.25 / 0.28, healed 48 steps 0.57 /
+    0.55 (cost 0.56, heal 1434 s); SmolLM2's third unhealed 0.12 / 0.32, healed 0.46 / 0.37
+    (cost 0.45, heal 417 s). In the UI mini bench (p = 0.9, 3 seeds) STAFF with Gemma's healed
+    third agreed with Gemma better than with SmolLM2 (ρ 0.75 vs 0.59 on the verified rows) but
+    its coresets trained no better (staff-derived − staff: ROUGE-L -0.81 [-1.60, +0.00],
+    reference NLL +0.034 [+0.028, +0.040]); see ``quality-bench/results/mini-uitrans``.
 
     Why these defaults:
 
@@ -123,9 +133,12 @@ class DeriveSettings:
       target is 9.6 nats (SmolLM2's half) and 21.4 (Gemma's), and its effort ranks rows
       unlike the target's (Spearman 0.31 and 0.43), below the cross-family SmolLM2 (0.51).
       48 steps of 8 rows bring the KL to 2.1 and 1.4 and the Spearman of effort to 0.72 and
-      0.62, above the cross-family pair. More steps were not measured. Healing needs the task's
-      rows (``select`` and ``agree`` pass them; ``speccore derive`` takes ``--data``, or
-      ``--heal-steps 0`` for an unhealed model).
+      0.62, above the cross-family pair. Four times as long (192 steps, 904 s) took
+      SmolLM2's third further, to KL 0.61 and Spearman 0.79 (effort) and 0.86 (loss), from
+      0.69 and 0.50: longer healing pays in agreement (not measured on Gemma, whose 192 steps
+      would take ~40 min here, nor in the bench). Healing needs the task's rows (``select``
+      and ``agree`` pass them; ``speccore derive`` takes ``--data``, or ``--heal-steps 0`` for
+      an unhealed model).
     * **Its cost is fixed, not per row**, and large on a small task: 278 s (SmolLM2) and 629 s
       (Gemma, whose 262k-entry vocabulary the KL runs over) here, against 1.8 s and 2.9 s per
       row of the whole target's own fine-tune + scoring. Against the target doing that work
@@ -137,9 +150,13 @@ class DeriveSettings:
       its half does (effort 0.67 vs 0.62, loss 0.58 vs 0.44) at 0.72 of its cost instead of
       0.81; SmolLM2's third agrees a little less than its half (0.69 vs 0.72, loss 0.50 vs
       0.60: within the noise of 100 rows on effort) at 0.40 instead of 0.54. A third is the
-      better trade-off on both, and on a 7B target it costs 0.36 against 0.51. Block influence
-      was not the better choice unhealed (better for SmolLM2, far worse on effort for Gemma),
-      costs a target pass over ``bi_rows`` and was not measured healed, so ``uniform``.
+      better trade-off on both, and on a 7B target it costs 0.36 against 0.51.
+    * **Uniform, for now.** Block influence was erratic unhealed (better for SmolLM2, far worse
+      on effort for Gemma). Healed, it did a little better than uniform on UI for both targets
+      (effort 0.73 vs 0.69 and 0.70 vs 0.67, loss 0.66 vs 0.50 and 0.60 vs 0.58, KL after
+      healing 1.4 vs 2.2 and 0.9 vs 1.3), mostly within the noise of 100 rows (about 0.07), and
+      it was not measured healed on DialogSum; it also costs a target pass over ``bi_rows``.
+      One task is not enough to change the default (and the bench cells made with it).
     * **Cost scales with the target.** Gemma 3's lm_head is 63% of a response token's FLOPs, so
       its half costs 0.81 of it (on paper 0.81); SmolLM2's half 0.54 (on paper 0.50-0.61). A 7B
       target of 32 layers spends 2% of its FLOPs in the lm_head: its half costs about 0.51 per
