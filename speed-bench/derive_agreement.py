@@ -605,7 +605,7 @@ def main() -> None:
         *derived("dialogsum", third, ("uniform",), heal),
         *costs("dialogsum"),
         *derived("ui", third, ("block-influence",), heal),
-        # Longer healing, on the cheaper target (Gemma's would take ~45 min here).
+        # Longer healing, on the cheaper target (Gemma's would take ~40 min here: 4 × 607 s).
         *derived("ui", third, ("uniform",), 4 * heal, only=args.targets[0]),
         *derived("dialogsum", third, ("block-influence",), 0),
         *derived("dialogsum", half, both, 0),
