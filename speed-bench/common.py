@@ -62,7 +62,7 @@ def machine_info(device: str | None = None) -> dict[str, Any]:
 
 def write_result(name: str, args: dict[str, Any], results: Any, device: str | None = None) -> Path:
     """Write ``speed-bench/results/<name>.json`` (atomically) with the machine and the arguments."""
-    from speccore.io import write_json
+    from speccore.utils.io import write_json
 
     path = RESULTS / f"{name}.json"
     write_json(

@@ -1,7 +1,7 @@
 """How well does a small model derived from the target agree with it, and at what cost?
 
 For each task (UI translation, DialogSum) and target (``smollm2-135m``, ``gemma-3-270m``), and
-each derived small model (``speccore.derive``: a fraction of the target's layers, uniform or
+each derived small model (``speccore.proxies.derive``: a fraction of the target's layers, uniform or
 block-influence, healed or not), this measures over *all* rows, both models untuned (a fresh
 LoRA adapter, as STAFF's agreement check and ``speccore agree`` score them):
 
@@ -14,8 +14,8 @@ LoRA adapter, as STAFF's agreement check and ``speccore agree`` score them):
   and reported apart.
 
 The cross-family pair (SmolLM2-135M scoring for Gemma-3-270M) sits in the same table. Each
-model is scored once (:func:`speccore.agree.score_rows`) and compared with
-:func:`speccore.agree.compare`, the two halves of :func:`speccore.agree.agreement`.
+model is scored once (:func:`speccore.proxies.agree.score_rows`) and compared with
+:func:`speccore.proxies.agree.compare`, the two halves of :func:`speccore.proxies.agree.agreement`.
 
 The work runs in priority order under a time budget (``--budget-min``); what does not fit is
 listed in the results as ``skipped``, so a cut is never silent. Results are written after every
@@ -39,12 +39,12 @@ from typing import Any
 import numpy as np
 
 from common import RESULTS, machine_info, table
-from speccore.agree import ScoredRows, compare, sample_rows, score_rows
 from speccore.config import LoraSettings, TrainSettings
 from speccore.data import Formatting, tokenize_dataset
-from speccore.data.tokenized import TokenizedData
-from speccore.derive import DeriveSettings, derive_model, read_derivation
+from speccore.data.batches import TokenizedData
 from speccore.models import LoadedModel, attach_lora, detach_lora, load_model
+from speccore.proxies.agree import ScoredRows, compare, sample_rows, score_rows
+from speccore.proxies.derive import DeriveSettings, derive_model, read_derivation
 from speccore.train import finetune
 
 logger = logging.getLogger("derive_agreement")
@@ -296,7 +296,7 @@ class Campaign:
     # --- output --------------------------------------------------------------------------
 
     def write(self) -> None:
-        from speccore.io import atomic_open, write_json
+        from speccore.utils.io import atomic_open, write_json
 
         RESULTS.mkdir(parents=True, exist_ok=True)
         for r in self.rows:

@@ -51,7 +51,7 @@ from scipy.stats import spearmanr
 
 from common import machine_info
 from speccore.config import LoraSettings
-from speccore.data.tokenized import IGNORE_INDEX, TokenizedData, collate
+from speccore.data.batches import IGNORE_INDEX, TokenizedData, collate
 from speccore.models.load import GpuMemoryByStage
 from speccore.models.lora import attach_lora, seeded
 from speccore.models.tiny import random_llama, tiny_causal_lm, tiny_tokenizer

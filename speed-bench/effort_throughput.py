@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from common import DIALOGSUM, load_dialogsum, stopwatch, table, write_result
 from speccore.config import LoraSettings, SelectConfig
 from speccore.data import Formatting, collate, length_grouped_batches, tokenize_dataset
-from speccore.data.tokenized import TokenizedData
+from speccore.data.batches import TokenizedData
 from speccore.models import attach_lora, load_model, random_llama, resolve_device, resolve_dtype
 from speccore.models.lora import seeded
 from speccore.scoring import effort_reference, score_samples, token_losses

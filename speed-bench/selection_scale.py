@@ -22,7 +22,7 @@ import numpy as np
 
 from common import table, write_result
 from speccore.config import coreset_size
-from speccore.dryrun import peak_rss_bytes
+from speccore.run.dryrun import peak_rss_bytes
 from speccore.selection.base import rng_for
 from speccore.selection.ccs import ccs_select
 from speccore.selection.d2 import d2_select

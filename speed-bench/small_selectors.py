@@ -23,9 +23,9 @@ import numpy as np
 
 from speccore.config import SelectConfig
 from speccore.data import load_rows
-from speccore.io import atomic_open, write_json
 from speccore.models.pool import ModelPool
-from speccore.pipeline import select_with_tokens
+from speccore.run.pipeline import select_with_tokens
+from speccore.utils.io import atomic_open, write_json
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data" / "dialogsum" / "train.jsonl.gz"

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from speccore import SelectConfig
-from speccore.data.tokenized import TokenizedData
+from speccore.data.batches import TokenizedData
 from speccore.models.tiny import tiny_model_folder
 
 WORDS = (  # noqa: SIM905

@@ -10,7 +10,10 @@ import numpy as np
 import pytest
 
 from conftest import make_rows
-from speccore.agree import (
+from speccore.data.batches import TokenizedData
+from speccore.data.encode import tokenize_pairs
+from speccore.models import LoadedModel, load_model
+from speccore.proxies.agree import (
     AgreementReport,
     agreement,
     compare,
@@ -20,11 +23,8 @@ from speccore.agree import (
     score_rows,
     spearman_rho,
 )
-from speccore.data.tokenize import tokenize_pairs
-from speccore.data.tokenized import TokenizedData
-from speccore.errors import ConfigError, DataError
-from speccore.models import LoadedModel, load_model
 from speccore.selection.regions import equal_width_regions
+from speccore.utils.errors import ConfigError, DataError
 
 
 def rows_data(tokenizer: Any, n: int = 16) -> TokenizedData:
@@ -186,7 +186,7 @@ def test_agree_command(
 
 
 def test_select_summary_prints_the_rand_index_of_verified_samples() -> None:
-    from speccore.report import describe, summary_text, verified_rand_index
+    from speccore.run.summary import describe, summary_text, verified_rand_index
     from speccore.selection.base import Selection
 
     small = [0.1, 0.2, 0.8, 0.9, 0.5]

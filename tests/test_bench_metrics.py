@@ -22,7 +22,7 @@ from speccore.bench.metrics import (
     nll_metrics,
     rouge_l,
 )
-from speccore.errors import ConfigError
+from speccore.utils.errors import ConfigError
 
 REF = "the cat sat on the mat"
 

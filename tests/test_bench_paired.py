@@ -38,7 +38,7 @@ from speccore.bench.paired import (
     write_paired_csv,
 )
 from speccore.bench.tables import render_tables, variant_table
-from speccore.data.tokenized import IGNORE_INDEX, TokenizedData
+from speccore.data.batches import IGNORE_INDEX, TokenizedData
 from speccore.models.tiny import tiny_causal_lm
 
 # Two methods, 5 evaluation rows, 2 seeds (per-row ROUGE-L × 100).

@@ -16,8 +16,8 @@ from speccore.bench import bench_config_from_dict, load_bench_config, plan_cells
 from speccore.bench.generate import _decode, encode_prompts, generate
 from speccore.bench.run import BenchRunner
 from speccore.cli import main
-from speccore.errors import ConfigError
 from speccore.models import load_model
+from speccore.utils.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -269,7 +269,7 @@ def test_cells_fingerprinted_with_the_generation_batch_size_are_kept(
     """Cells written before the batch size left the fingerprint: their stored settings still
     hold it, and their fingerprint is another; they are kept, not refused."""
     from speccore.bench.run import check_settings
-    from speccore.io import fingerprint
+    from speccore.utils.io import fingerprint
 
     cfg = bench_config_from_dict(bench_settings)
     now = cfg.settings_dict()
@@ -288,7 +288,7 @@ def test_sigterm_during_generation_stops_the_bench_at_the_next_batch(
     import os
     import signal
 
-    from speccore.interrupt import Interrupted, interruptible
+    from speccore.utils.interrupt import Interrupted, interruptible
 
     generation = {"max_new_tokens": 5, "batch_size": 1}  # 4 evaluation rows: 4 batches
     cfg = bench_config_from_dict({**bench_settings, "generation": generation})

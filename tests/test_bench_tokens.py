@@ -18,9 +18,9 @@ from speccore.bench import bench_config_from_dict, plan_cells, read_results_csv,
 from speccore.bench.report import cell_row
 from speccore.bench.tables import metric_table, row_label
 from speccore.data import collate
-from speccore.data.tokenized import IGNORE_INDEX, TokenizedData
-from speccore.errors import ConfigError
+from speccore.data.batches import IGNORE_INDEX, TokenizedData
 from speccore.tokens import load_token_masks
+from speccore.utils.errors import ConfigError
 
 TARGET_TUNE = "fine-tune target ("
 

@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from speccore.cache import SCORER_VERSIONS, ScoreCache, cache_key
 from speccore.cli import describe_methods, main
 from speccore.config import SelectConfig, parse_select_args
-from speccore.errors import ConfigError
+from speccore.utils.cache import SCORER_VERSIONS, ScoreCache, cache_key
+from speccore.utils.errors import ConfigError
 
 
 def test_flags_file_and_dict_give_the_same_config(tmp_path: Path) -> None:
@@ -67,7 +67,7 @@ def test_a_wrong_setting_is_refused_by_the_parser(settings: dict, message: str) 
 
 
 def test_bench_select_mapping_goes_through_the_same_parser(tmp_path: Path) -> None:
-    from speccore.bench.config import bench_config_from_dict
+    from speccore.bench.bench_config import bench_config_from_dict
 
     raw = {
         "out": str(tmp_path / "b"),

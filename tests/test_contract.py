@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 
 from speccore.config import SelectConfig, coreset_size, select_flags
-from speccore.errors import ConfigError
 from speccore.selection.base import (
     MethodSettings,
     SelectionMethod,
@@ -25,6 +24,7 @@ from speccore.selection.base import (
     method_names,
     register_method,
 )
+from speccore.utils.errors import ConfigError
 
 N = 60
 

@@ -21,7 +21,7 @@ from speccore.data import (
     row_label,
     write_coreset,
 )
-from speccore.errors import DataError
+from speccore.utils.errors import DataError
 
 # All text (so CSV, which has no types, loads the same values) with the awkward cases: commas,
 # quotes, a newline inside a value, non-ASCII, a number-like answer and U+2028 inside a string.

@@ -20,7 +20,7 @@ from speccore.data import (
     tokenize_dataset,
     tokenize_pairs,
 )
-from speccore.errors import ConfigError, DataError, ModelError
+from speccore.utils.errors import ConfigError, DataError, ModelError
 
 CORPUS = [
     "the cat sat on the mat",
@@ -279,7 +279,7 @@ def test_overlong_response_keeps_its_start_and_eos(
 ) -> None:
     bos, eos = gemma_like.bos_token_id, gemma_like.eos_token_id
     long_response = "a b c d e f g h i j"
-    with caplog.at_level(logging.WARNING, logger="speccore.data.tokenize"):
+    with caplog.at_level(logging.WARNING, logger="speccore.data.encode"):
         data = tokenize_pairs(
             gemma_like, ["hello", "world", "cat"], [long_response, "yes", long_response], 6
         )

@@ -18,9 +18,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 from conftest import make_rows
 from speccore import derive as derive_module
 from speccore.config import LoraSettings
-from speccore.data.tokenize import tokenize_pairs
-from speccore.data.tokenized import IGNORE_INDEX, TokenizedData, collate
-from speccore.derive import (
+from speccore.data.batches import IGNORE_INDEX, TokenizedData, collate
+from speccore.data.encode import tokenize_pairs
+from speccore.models import LoadedModel, attach_lora, check_family, load_model, tiny_model_folder
+from speccore.proxies.derive import (
     DeriveSettings,
     block_influence,
     build_derived,
@@ -36,9 +37,8 @@ from speccore.derive import (
     select_layers,
     uniform_layers,
 )
-from speccore.errors import ConfigError, ModelError
-from speccore.interrupt import Interrupted, interruptible
-from speccore.models import LoadedModel, attach_lora, check_family, load_model, tiny_model_folder
+from speccore.utils.errors import ConfigError, ModelError
+from speccore.utils.interrupt import Interrupted, interruptible
 
 LAYERS = 6
 

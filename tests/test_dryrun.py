@@ -9,7 +9,7 @@ import pytest
 import speccore
 from conftest import tiny_select_config
 from speccore import SelectConfig
-from speccore.dryrun import dry_run, format_estimate, planned_work
+from speccore.run.dryrun import dry_run, format_estimate, planned_work
 
 
 def config(data: Path, dirs: dict[str, Path], **kw: object) -> SelectConfig:

@@ -20,8 +20,7 @@ import torch
 from scipy.stats import spearmanr
 
 from speccore.config import LoraSettings
-from speccore.data.tokenized import IGNORE_INDEX, TokenizedData, collate
-from speccore.errors import ConfigError, ModelError
+from speccore.data.batches import IGNORE_INDEX, TokenizedData, collate
 from speccore.models import load as load_module
 from speccore.models.load import GpuMemoryByStage, bnb_config, load_model
 from speccore.models.lora import (
@@ -34,6 +33,7 @@ from speccore.models.lora import (
 from speccore.models.tiny import tiny_causal_lm
 from speccore.scoring import score_samples
 from speccore.scoring.losses import token_losses
+from speccore.utils.errors import ConfigError, ModelError
 
 VOCAB = 400
 ROWS = 64

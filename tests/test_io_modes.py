@@ -14,7 +14,7 @@ import pytest
 
 from speccore import io
 from speccore.data import load_rows, write_coreset
-from speccore.io import (
+from speccore.utils.io import (
     atomic_open,
     atomic_path,
     copy_tree,

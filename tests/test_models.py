@@ -18,7 +18,6 @@ import torch
 from torch import nn
 
 from speccore.config import LoraSettings
-from speccore.errors import ConfigError, ModelError
 from speccore.models import (
     DEFAULT_TARGET_MODULES,
     adapter_fingerprint,
@@ -43,6 +42,7 @@ from speccore.models import (
 from speccore.models import load as load_module
 from speccore.models.load import check_model_name
 from speccore.models.lora import seeded
+from speccore.utils.errors import ConfigError, ModelError
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ from speccore import progress as progress_module
 from speccore.bench.generate import encode_prompts, generate
 from speccore.config import LoraSettings, TrainSettings
 from speccore.data import Formatting, prompt_texts, tokenize_dataset
-from speccore.data.tokenized import (
+from speccore.data.batches import (
     IGNORE_INDEX,
     BatchLoop,
     TokenizedData,
@@ -27,11 +27,11 @@ from speccore.data.tokenized import (
     length_grouped_batches,
 )
 from speccore.models import attach_lora, load_model, tiny_causal_lm, tiny_tokenizer
-from speccore.progress import progress, set_quiet
 from speccore.scoring import score_samples
 from speccore.scoring.losses import ResponseLoss, response_loss
 from speccore.tokens import token_losses_of
 from speccore.train import finetune
+from speccore.utils.progress import progress, set_quiet
 
 # --- one prompt encoder ----------------------------------------------------------------------
 

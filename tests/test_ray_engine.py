@@ -17,11 +17,11 @@ import torch
 
 from conftest import make_rows
 from speccore import SelectConfig
-from speccore.cache import ScoreCache
-from speccore.errors import ConfigError
-from speccore.provider import ENGINES, ModelSlot
+from speccore.run.provider import ENGINES, ModelSlot
 from speccore.scoring import ray_engine, score_samples
 from speccore.selection.base import StageTimer
+from speccore.utils.cache import ScoreCache
+from speccore.utils.errors import ConfigError
 
 N = 24
 

@@ -20,13 +20,13 @@ import torch
 
 from speccore import interrupt
 from speccore.config import LoraSettings, TrainSettings
-from speccore.data.tokenized import IGNORE_INDEX, TokenizedData, length_grouped_batches
-from speccore.interrupt import Interrupted, interruptible
+from speccore.data.batches import IGNORE_INDEX, TokenizedData, length_grouped_batches
 from speccore.models import attach_lora, tiny_causal_lm
 from speccore.scoring import runner
 from speccore.scoring.runner import score_samples
 from speccore.train import finetune
-from speccore.train.lora import CHECKPOINT_FILE
+from speccore.train.finetune import CHECKPOINT_FILE
+from speccore.utils.interrupt import Interrupted, interruptible
 
 VOCAB = 83
 

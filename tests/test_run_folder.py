@@ -14,8 +14,8 @@ import pytest
 import speccore
 from conftest import tiny_select_config
 from speccore.cli import main
-from speccore.errors import ConfigError, DataError
-from speccore.pipeline import preflight, run_lock
+from speccore.run.pipeline import preflight, run_lock
+from speccore.utils.errors import ConfigError, DataError
 
 
 def test_an_input_inside_out_is_refused_naming_both(
@@ -51,7 +51,7 @@ def test_a_second_run_needs_overwrite_and_then_replaces_the_whole_folder(
 def test_a_failed_run_leaves_no_half_written_folder(
     jsonl_data: Path, model_dirs: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import speccore.pipeline as pipeline
+    import speccore.run.pipeline as pipeline
 
     def broken(*args: object, **kwargs: object) -> None:
         raise OSError("disk full")
@@ -200,7 +200,7 @@ def test_a_bench_with_neither_reference_row_prepares_its_data_first(
 ) -> None:
     from conftest import micro_bench_settings
     from speccore.bench import run_bench
-    from speccore.bench.config import bench_config_from_dict
+    from speccore.bench.bench_config import bench_config_from_dict
 
     settings = micro_bench_settings(tmp_path, model_dirs, full=False, zero_shot=False)
     settings["data"]["train_rows"] = 10  # a subset file the selections read from the bench folder
@@ -212,7 +212,7 @@ def test_a_bench_with_neither_reference_row_prepares_its_data_first(
 def test_scores_of_more_than_one_dimension_are_refused(tmp_path: Path) -> None:
     import numpy as np
 
-    from speccore.provider import load_scores_file
+    from speccore.run.provider import load_scores_file
 
     path = tmp_path / "scores.npy"
     np.save(path, np.ones((4, 6)))

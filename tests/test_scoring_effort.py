@@ -11,11 +11,11 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from conftest import lm_head_lengths, mixed_prompt_data
-from speccore.data.tokenized import TokenizedData, collate
-from speccore.errors import ModelError
+from speccore.data.batches import TokenizedData, collate
 from speccore.scoring import losses
 from speccore.scoring.effort import effort_batch, effort_reference
 from speccore.scoring.losses import response_window
+from speccore.utils.errors import ModelError
 
 TARGETS = ["q_proj", "v_proj", "up_proj", "down_proj"]
 VOCAB = 97

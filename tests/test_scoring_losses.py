@@ -11,7 +11,7 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from conftest import MIXED_LENGTHS, lm_head_lengths, mixed_prompt_data
-from speccore.data.tokenized import TokenizedData, collate
+from speccore.data.batches import TokenizedData, collate
 from speccore.scoring import losses
 from speccore.scoring.embeddings import embedding_batch
 from speccore.scoring.losses import (

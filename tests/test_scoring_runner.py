@@ -11,14 +11,14 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from speccore.data.tokenized import TokenizedData, collate, length_grouped_batches
-from speccore.errors import ConfigError, ScoringError
-from speccore.io import load_npz
+from speccore.data.batches import TokenizedData, collate, length_grouped_batches
 from speccore.scoring import runner
 from speccore.scoring.effort import effort_reference
 from speccore.scoring.embeddings import embedding_batch
 from speccore.scoring.losses import loss_batch
 from speccore.scoring.runner import SCORE_FUNCTIONS, embed_samples, score_samples
+from speccore.utils.errors import ConfigError, ScoringError
+from speccore.utils.io import load_npz
 
 VOCAB = 61
 N = 20

@@ -16,7 +16,6 @@ import speccore.selection.random
 import speccore.selection.score_based
 import speccore.selection.target_only  # noqa: F401  (fills the registry)
 from speccore.config import SelectConfig, coreset_size
-from speccore.errors import ConfigError, ScoringError
 from speccore.selection.base import Selection, get_method, method_names, rng_for
 from speccore.selection.ccs import (
     ccs_select,
@@ -27,6 +26,7 @@ from speccore.selection.ccs import (
 )
 from speccore.selection.random import random_select
 from speccore.selection.score_based import top_m
+from speccore.utils.errors import ConfigError, ScoringError
 
 BASELINES = ["ccs", "d2", "el2n", "grand", "random", "staff-target-only"]
 

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from speccore.errors import ConfigError
 from speccore.selection.ccs import ccs_strata, stratum_budgets
 from speccore.selection.d2 import (
     d2_select,
@@ -19,6 +18,7 @@ from speccore.selection.d2 import (
     knn_graph,
 )
 from speccore.selection.score_based import top_m
+from speccore.utils.errors import ConfigError
 
 LN2 = math.log(2.0)
 

@@ -14,9 +14,9 @@ import pytest
 import speccore
 from conftest import tiny_select_config
 from speccore.config import SelectConfig
-from speccore.errors import ConfigError, ScoringError
 from speccore.selection.base import get_method
 from speccore.selection.perplexity import band_indices, band_start
+from speccore.utils.errors import ConfigError, ScoringError
 
 # index:            0    1    2    3    4    5    6
 VALUES = np.array([0.5, 0.2, 0.9, 0.2, 0.7, 0.5, 0.1])

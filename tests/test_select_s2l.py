@@ -17,7 +17,6 @@ import pytest
 import speccore
 from conftest import ModelWorkSpy, tiny_select_config
 from speccore.config import LoraSettings, SelectConfig, TrainSettings
-from speccore.errors import ConfigError, ScoringError
 from speccore.selection.base import Trajectories, get_method, method_names, rng_for
 from speccore.selection.s2l import (
     SNAPSHOT_GRID,
@@ -28,6 +27,7 @@ from speccore.selection.s2l import (
     s2l_select,
     snapshot_steps,
 )
+from speccore.utils.errors import ConfigError, ScoringError
 
 # --- checkpoints ------------------------------------------------------------------------------
 
@@ -241,7 +241,7 @@ def test_plan_is_the_small_fine_tune_and_c_loss_passes():
 
 
 def test_finetune_calls_on_step_after_every_optimizer_step():
-    from speccore.data.tokenized import TokenizedData
+    from speccore.data.batches import TokenizedData
     from speccore.models import attach_lora, tiny_causal_lm
     from speccore.train import finetune, plan_steps
 

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 
 from speccore.config import coreset_size
-from speccore.errors import ConfigError
 from speccore.selection.base import StageTimer
 from speccore.selection.regions import equal_width_regions, region_members
 from speccore.selection.score_based import check_budget
 from speccore.selection.staff import staff_reference_select, staff_select
+from speccore.utils.errors import ConfigError
 
 SCORES = np.arange(1.0, 11.0)  # samples 0..9 score 1..10
 

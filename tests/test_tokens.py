@@ -11,13 +11,12 @@ import numpy as np
 import pytest
 import torch
 
-import speccore.tokens.selection as token_selection
+import speccore.tokens.pick as token_selection
 from speccore import SelectConfig
 from speccore.config import LoraSettings, TrainSettings
 from speccore.data import IGNORE_INDEX, TokenizedData, collate, tokenize_pairs
-from speccore.errors import ConfigError, DataError
 from speccore.models import adapter_fingerprint, attach_lora, tiny_causal_lm, tiny_tokenizer
-from speccore.provider import ModelProvider
+from speccore.run.provider import ModelProvider
 from speccore.selection import Selection
 from speccore.tokens import (
     Ragged,
@@ -36,6 +35,7 @@ from speccore.tokens import (
     token_losses_of,
 )
 from speccore.train import finetune
+from speccore.utils.errors import ConfigError, DataError
 
 PAIRS = [
     ("Question: what is the capital of France?", "Answer: Paris. The lazy dog."),

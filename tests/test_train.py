@@ -11,12 +11,12 @@ import pytest
 import torch
 
 from speccore.config import LoraSettings, TrainSettings
-from speccore.data.tokenized import IGNORE_INDEX, TokenizedData, collate
-from speccore.errors import ConfigError, ModelError
+from speccore.data.batches import IGNORE_INDEX, TokenizedData, collate
 from speccore.models import adapter_fingerprint, attach_lora, tiny_causal_lm, tiny_tokenizer
 from speccore.scoring import losses
 from speccore.scoring.losses import response_loss
 from speccore.train import finetune, lr_factor, plan_steps, warmup_steps
+from speccore.utils.errors import ConfigError, ModelError
 
 PAIRS = [
     ("Question: capital of France? Answer:", " Paris."),

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from .config import LoraSettings, SelectConfig, TrainSettings, coreset_size
 from .data import load_rows
-from .errors import SpeccoreError
-from .pipeline import select
+from .run.pipeline import select
 from .selection import Selection, get_method, method_names
+from .utils.errors import SpeccoreError
 
 __version__ = "0.1.0"
 

@@ -16,7 +16,7 @@ from datetime import datetime
 from fractions import Fraction
 from typing import Any, NoReturn
 
-from .errors import ConfigError, SpeccoreError
+from .utils.errors import ConfigError, SpeccoreError
 
 logger = logging.getLogger("speccore")
 
@@ -80,8 +80,8 @@ def select_argv(argv: Sequence[str]) -> list[str]:
 
 def run_select(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from .config import parse_select_args
-    from .pipeline import select
-    from .report import summary_text
+    from .run.pipeline import select
+    from .run.summary import summary_text
 
     cfg = parse_select_args(select_argv(argv), config_file=args.config)
     if not cfg.out and not cfg.dry_run:
@@ -89,7 +89,7 @@ def run_select(args: argparse.Namespace, argv: Sequence[str]) -> int:
         logger.info("no --out given: writing the run to %s", cfg.out)
     selection = select(cfg)
     if cfg.dry_run:
-        from .dryrun import format_estimate
+        from .run.dryrun import format_estimate
 
         print(format_estimate(selection.info["dry_run"]))
         return 0
@@ -137,7 +137,7 @@ def run_bench_command(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
 def add_derive_parser(sub: Any) -> None:
     """``speccore derive``: a small model of the target's family, by dropping its layers."""
-    from .derive import HEAL_MODES, LAYER_SELECTIONS, DeriveSettings, parse_layers
+    from .proxies.derive import HEAL_MODES, LAYER_SELECTIONS, DeriveSettings, parse_layers
 
     p = sub.add_parser(
         "derive",
@@ -221,8 +221,8 @@ def _tokenizer_data(args: argparse.Namespace) -> Any:
 
 
 def run_derive(args: argparse.Namespace, argv: Sequence[str]) -> int:
-    from .derive import DeriveSettings, derive_model, read_derivation
     from .models import load_model
+    from .proxies.derive import DeriveSettings, derive_model, read_derivation
 
     settings = DeriveSettings(
         layers=args.layers,
@@ -259,9 +259,9 @@ def run_derive(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
 
 def run_agree(args: argparse.Namespace, argv: Sequence[str]) -> int:
-    from .agree import agreement
-    from .derive import is_derive_spec, resolve_derived
     from .models import load_model
+    from .proxies.agree import agreement
+    from .proxies.derive import is_derive_spec, resolve_derived
 
     tokenized = _tokenizer_data(args)
     small: Any = args.small
@@ -308,14 +308,14 @@ def set_quiet(quiet: bool) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
-    from . import progress
+    from .utils import progress
 
     progress.set_quiet(quiet)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    from .interrupt import Interrupted, interruptible
+    from .utils.interrupt import Interrupted, interruptible
 
     try:
         args = build_parser().parse_args(argv)

@@ -20,8 +20,8 @@ from functools import cache
 from pathlib import Path
 from typing import Any, Literal
 
-from .errors import ConfigError
 from .selection.base import check_literals, method_class, method_names, setting_fields
+from .utils.errors import ConfigError
 
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 Engine = Literal["local", "ray"]

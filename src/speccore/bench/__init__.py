@@ -4,7 +4,7 @@
 ``quality-bench/*.yaml`` for configurations and :class:`BenchConfig` for every key.
 """
 
-from .config import (
+from .bench_config import (
     BenchConfig,
     DataSettings,
     GenerationSettings,

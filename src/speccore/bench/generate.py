@@ -1,10 +1,10 @@
 """Batched greedy generation with left padding, decoding only the new tokens.
 
 Prompts are tokenised by the training tokeniser's own prompt encoder
-(:func:`speccore.data.tokenize.encode_prompts`: the tokenizer's special tokens, a single leading
+(:func:`speccore.data.encode.encode_prompts`: the tokenizer's special tokens, a single leading
 BOS, the same truncation) so that a fine-tuned model sees at evaluation exactly the prompt form
 it learned on. Batches come from the same loop as scoring and training
-(:class:`speccore.data.tokenized.BatchLoop`), padded on the left.
+(:class:`speccore.data.batches.BatchLoop`), padded on the left.
 """
 
 from __future__ import annotations
@@ -16,11 +16,11 @@ from typing import Any
 
 import torch
 
-from .. import interrupt
-from ..data import tokenize
-from ..data.tokenized import IGNORE_INDEX, BatchLoop, TokenizedData, length_grouped_batches
-from ..errors import ConfigError, DataError, ModelError
+from ..data import encode as tokenize
+from ..data.batches import IGNORE_INDEX, BatchLoop, TokenizedData, length_grouped_batches
 from ..scoring.losses import accepts_logits_to_keep, forward_parameters, position_ids
+from ..utils import interrupt
+from ..utils.errors import ConfigError, DataError, ModelError
 
 logger = logging.getLogger(__name__)
 
@@ -30,7 +30,7 @@ def encode_prompts(
 ) -> list[list[int]]:
     """Token ids of each prompt as training encodes prompts (special tokens, one leading BOS),
     at most ``max_prompt_tokens`` (cut from ``truncation_side``, keeping the BOS); see
-    :func:`speccore.data.tokenize.encode_prompts`. An empty prompt raises :class:`DataError`."""
+    :func:`speccore.data.encode.encode_prompts`. An empty prompt raises :class:`DataError`."""
     if max_prompt_tokens < 1:
         raise ConfigError(f"generation.max_prompt_tokens must be >= 1, got {max_prompt_tokens}")
     out = tokenize.encode_prompts(tokenizer, prompts, max_prompt_tokens, truncation_side)

@@ -28,10 +28,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..errors import ConfigError
+from ..utils.errors import ConfigError
 
 if TYPE_CHECKING:
-    from ..data.tokenized import TokenizedData
+    from ..data.batches import TokenizedData
 
 logger = logging.getLogger(__name__)
 
@@ -331,9 +331,9 @@ def reference_nll_rows(model: Any, data: TokenizedData, max_batch_tokens: int = 
     ``loss`` score (the mean cross-entropy over a row's counted tokens): one path with the
     selections' loss scores. Token masks of ``data`` (token-level selection) are dropped: the
     metric counts every response token. The model runs in eval mode without gradients; a row
-    without response tokens raises :class:`~speccore.errors.ScoringError` naming it.
+    without response tokens raises :class:`~speccore.utils.errors.ScoringError` naming it.
     """
-    from ..data.tokenized import TokenizedData
+    from ..data.batches import TokenizedData
     from ..scoring import score_samples
 
     every_token = TokenizedData(data.input_ids, data.labels, data.pad_token_id)

@@ -46,7 +46,7 @@ from typing import Any
 
 import numpy as np
 
-from ..io import atomic_open
+from ..utils.io import atomic_open
 from .metrics import MetricSettings, bleu_from_statistics_batch, bleu_statistics
 from .tables import (
     FULL,

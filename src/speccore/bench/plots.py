@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..io import atomic_path
+from ..utils.io import atomic_path
 from .tables import (
     FULL,
     METRICS,

@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from ..io import atomic_open
+from ..utils.io import atomic_open
 from .metrics import MetricSettings
 from .paired import compare_cells, write_paired_csv
 from .tables import FULL, ZERO_SHOT, render_tables, stage_column, write_results_csv

@@ -27,15 +27,15 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .. import interrupt
-from ..agree import rand_index
 from ..config import TrainSettings
 from ..data import Formatting, load_rows, prompt_texts, tokenize_dataset
-from ..errors import ConfigError, DataError
-from ..io import atomic_open, fingerprint, write_json
 from ..models.pool import ModelPool
-from ..progress import progress
-from .config import THROUGHPUT_ONLY, BenchConfig, load_bench_config
+from ..proxies.agree import rand_index
+from ..utils import interrupt
+from ..utils.errors import ConfigError, DataError
+from ..utils.io import atomic_open, fingerprint, write_json
+from ..utils.progress import progress
+from .bench_config import THROUGHPUT_ONLY, BenchConfig, load_bench_config
 from .generate import generate
 from .metrics import evaluate_rows, reference_nll_rows
 from .report import collect_rows, write_reports
@@ -43,7 +43,7 @@ from .report import collect_rows, write_reports
 if TYPE_CHECKING:
     import datasets
 
-    from ..data.tokenized import TokenizedData
+    from ..data.batches import TokenizedData
     from ..models import LoadedModel
     from ..selection import Selection
     from ..tokens import TokenSelection
@@ -234,7 +234,7 @@ class BenchRunner:
 
     def select(self, cell: Cell) -> tuple[Selection, TokenSelection | None]:
         """The cell's coreset, and its token masks when ``cell.token_keep < 1``."""
-        from ..pipeline import select_with_tokens
+        from ..run.pipeline import select_with_tokens
 
         assert cell.seed is not None
         cfg = self.cfg.select_config(cell.method, cell.prune_rate, cell.seed, cell.token_keep)

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..io import atomic_open
+from ..utils.io import atomic_open
 
 if TYPE_CHECKING:
     from .paired import PairedDiff

@@ -1,15 +1,15 @@
 """Load, template and tokenise training data (labels masked to the response)."""
 
-from .load import FORMATS, data_format, load_rows, row_label, write_coreset
-from .template import Formatting, format_rows, prompt_texts, template_fields
-from .tokenize import encode_prompts, tokenize_dataset, tokenize_pairs, truncate_prompt
-from .tokenized import (
+from .batches import (
     IGNORE_INDEX,
     BatchLoop,
     TokenizedData,
     collate,
     length_grouped_batches,
 )
+from .encode import encode_prompts, tokenize_dataset, tokenize_pairs, truncate_prompt
+from .read import FORMATS, data_format, load_rows, row_label, write_coreset
+from .template import Formatting, format_rows, prompt_texts, template_fields
 
 __all__ = [
     "FORMATS",

@@ -2,7 +2,7 @@
 
 Errors name a row as the loader does, counted from 1 as in the file: the row at index ``i``
 (the index the coreset and the scores use) is ``row i+1 (1-based)``
-(:func:`~speccore.data.load.row_label`).
+(:func:`~speccore.data.read.row_label`).
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ from typing import Any
 
 import datasets
 
-from ..errors import ConfigError, DataError, ModelError
-from ..progress import progress
-from .load import row_label
+from ..utils.errors import ConfigError, DataError, ModelError
+from ..utils.progress import progress
+from .read import row_label
 
 logger = logging.getLogger(__name__)
 

@@ -25,8 +25,8 @@ from typing import Any
 
 import torch
 
-from ..errors import ConfigError, ModelError
-from ..io import atomic_path, cache_root, fingerprint, write_json
+from ..utils.errors import ConfigError, ModelError
+from ..utils.io import atomic_path, cache_root, fingerprint, write_json
 from .lora import open_folder_mode
 
 logger = logging.getLogger(__name__)
@@ -594,7 +594,7 @@ def _dequantize(gguf_path: Path) -> tuple[Any, Any]:
     """Load a GGUF as a plain float32 model that ``save_pretrained`` accepts, and its tokenizer."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ..progress import is_quiet
+    from ..utils.progress import is_quiet
 
     folder, file = str(gguf_path.parent), gguf_path.name
     # transformers draws its GGUF conversion bar with a tqdm of its own: under -q, mute it.
@@ -624,4 +624,6 @@ def _publish(tmp: Path, target: Path) -> None:
         logger.info("another process converted %s first; using its copy", target)
 
 
-publish_folder = _publish  # public: speccore.derive publishes its derived folders the same way
+publish_folder = (
+    _publish  # public: speccore.proxies.derive publishes its derived folders the same way
+)

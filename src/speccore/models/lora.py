@@ -22,8 +22,8 @@ import torch
 from torch import nn
 
 from ..config import LoraSettings
-from ..errors import ConfigError, ModelError
-from ..io import fingerprint
+from ..utils.errors import ConfigError, ModelError
+from ..utils.io import fingerprint
 
 logger = logging.getLogger(__name__)
 

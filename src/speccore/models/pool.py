@@ -3,7 +3,7 @@
 A :class:`ModelPool` hands out the same :class:`~speccore.models.LoadedModel` for the same
 (model, dtype, device, loading options). A bench keeps one pool for all its cells, so the small
 model and the target load once per bench instead of once per cell. Whoever attaches a LoRA to a
-pooled model detaches it when done (:meth:`speccore.provider.ModelProvider.close`), so the next
+pooled model detaches it when done (:meth:`speccore.run.provider.ModelProvider.close`), so the next
 user finds the pretrained weights untouched.
 """
 

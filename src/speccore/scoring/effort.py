@@ -38,8 +38,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from ..data.tokenized import IGNORE_INDEX
-from ..errors import ModelError
+from ..data.batches import IGNORE_INDEX
+from ..utils.errors import ModelError
 from .losses import eval_mode, forward, kept_positions, response_loss, token_losses
 
 _NO_LORA = (

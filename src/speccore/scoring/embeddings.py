@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..data.tokenized import IGNORE_INDEX
+from ..data.batches import IGNORE_INDEX
 from . import losses
 from .losses import accepts_logits_to_keep, as_output, eval_mode, forward
 

@@ -6,7 +6,7 @@ cross-entropy over response tokens through it, so they cannot drift apart.
 
 Conventions used throughout :mod:`speccore.scoring`:
 
-* a batch is what :func:`speccore.data.tokenized.collate` returns (``input_ids``,
+* a batch is what :func:`speccore.data.batches.collate` returns (``input_ids``,
   ``attention_mask``, ``labels`` with ``-100`` on the prompt and on padding);
 * the usual causal shift applies: the logits at position ``t`` predict token ``t + 1``, so
   ``logits[:, :-1]`` are compared with ``labels[:, 1:]``;
@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..data.tokenized import IGNORE_INDEX
+from ..data.batches import IGNORE_INDEX
 
 #: Compute logits only over the response window (see :func:`response_logits`). Set to False to
 #: get logits at every position everywhere (tests that compare both paths, benchmarks, or a model

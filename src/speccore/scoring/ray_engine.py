@@ -35,11 +35,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .. import errors
-from ..data.tokenized import IGNORE_INDEX, TokenizedData, length_grouped_batches, sample_indices
-from ..errors import ConfigError, ScoringError, SpeccoreError
-from ..io import cache_root, fingerprint, load_npz, save_npz
-from ..progress import progress
+from ..data.batches import IGNORE_INDEX, TokenizedData, length_grouped_batches, sample_indices
+from ..utils import errors
+from ..utils.errors import ConfigError, ScoringError, SpeccoreError
+from ..utils.io import cache_root, fingerprint, load_npz, save_npz
+from ..utils.progress import progress
 
 if TYPE_CHECKING:
     from .request import ScoringRequest
@@ -443,7 +443,7 @@ class ShardScorer:
         self.fn = SCORE_FUNCTIONS[score]
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from ..data.tokenized import collate
+        from ..data.batches import collate
         from .losses import model_device
 
         shard = int(batch["shard"][0])

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from ..data.tokenized import TokenizedData
+from ..data.batches import TokenizedData
 
 
 @dataclass

@@ -16,16 +16,16 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .. import interrupt
-from ..data.tokenized import (
+from ..data.batches import (
     IGNORE_INDEX,
     BatchLoop,
     TokenizedData,
     length_grouped_batches,
     sample_indices,
 )
-from ..errors import ConfigError, ScoringError
-from ..io import fingerprint, load_npz, save_npz
+from ..utils import interrupt
+from ..utils.errors import ConfigError, ScoringError
+from ..utils.io import fingerprint, load_npz, save_npz
 from .effort import effort_batch
 from .embeddings import embedding_batch
 from .losses import el2n_batch, eval_mode, loss_batch, model_device
@@ -68,7 +68,7 @@ def score_samples(
     With ``checkpoint``, finished batches are saved there (atomically) once ``checkpoint_every``
     samples or ``checkpoint_seconds`` seconds (None: no time limit) have passed since the last
     save, at the end, when the run fails, and when a stop signal arrives inside
-    :func:`speccore.interrupt.interruptible` (then :class:`speccore.interrupt.Interrupted` is
+    :func:`speccore.utils.interrupt.interruptible` (then :class:`speccore.utils.interrupt.Interrupted` is
     raised after the batch in progress is saved). A later call with the same request (score,
     indices, data and batching) scores only the missing batches and logs what it resumed. The
     checkpoint does not identify the model: use one path per model. It is never deleted here.

@@ -29,8 +29,8 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol
 
 import numpy as np
 
-from ..errors import ConfigError
-from ..io import write_json
+from ..utils.errors import ConfigError
+from ..utils.io import write_json
 
 if TYPE_CHECKING:
     import datasets

@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import ConfigError
+from ..utils.errors import ConfigError
 from .base import (
     MethodSettings,
     RunConfig,

@@ -60,7 +60,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import ConfigError, ScoringError
+from ..utils.errors import ConfigError, ScoringError
 from .base import (
     MethodSettings,
     RunConfig,

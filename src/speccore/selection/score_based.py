@@ -17,7 +17,7 @@ import logging
 
 import numpy as np
 
-from ..errors import ScoringError
+from ..utils.errors import ScoringError
 from .base import RunConfig, ScoreProvider, Selection, SelectionMethod, Work, register_method
 
 logger = logging.getLogger(__name__)

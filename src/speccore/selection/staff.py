@@ -85,7 +85,7 @@ from typing import Any, ClassVar, Literal
 
 import numpy as np
 
-from ..errors import ConfigError
+from ..utils.errors import ConfigError
 from .base import (
     MethodSettings,
     RunConfig,

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-from ..errors import ConfigError
+from ..utils.errors import ConfigError
 from .base import (
     MethodSettings,
     RunConfig,

@@ -21,8 +21,8 @@ from .masks import (
     save_token_masks,
     select_response_tokens,
 )
+from .pick import TokenSelection, crossfit_halves, select_tokens
 from .scores import Ragged, excess_loss, load_ragged, save_ragged, token_losses_of
-from .selection import TokenSelection, crossfit_halves, select_tokens
 
 __all__ = [
     "Ragged",

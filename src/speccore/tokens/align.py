@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import ModelError
+from ..utils.errors import ModelError
 
 
 def response_offsets(tokenizer: Any, response_text: str) -> np.ndarray:
@@ -55,7 +55,7 @@ def response_tokens_batch(
     all_offsets: list[np.ndarray] = []
     for ids, offs in zip(enc["input_ids"], enc["offset_mapping"], strict=True):
         ids, spans = list(ids), [tuple(o) for o in offs]
-        # Same stripping as speccore.data.tokenize._bare_response, so positions line up.
+        # Same stripping as speccore.data.encode._bare_response, so positions line up.
         if bos is not None and ids and ids[0] == bos:
             ids, spans = ids[1:], spans[1:]
         if ids and ids[-1] == eos:

@@ -25,9 +25,9 @@ import numpy as np
 
 from ..config import TOKEN_RANKS
 from ..data import row_label
-from ..data.tokenized import IGNORE_INDEX, TokenizedData
-from ..errors import ConfigError, DataError
-from ..io import atomic_open
+from ..data.batches import IGNORE_INDEX, TokenizedData
+from ..utils.errors import ConfigError, DataError
+from ..utils.io import atomic_open
 from .scores import Ragged, load_ragged, response_positions, save_ragged
 
 logger = logging.getLogger(__name__)

@@ -13,7 +13,7 @@ one a token that is already known (or noise the tuned model could not fit). AdaS
 same filter to distillation tokens.
 
 Scores of a set of samples are *ragged* (one array per sample, of its response length): they
-live in one flat array plus offsets (:class:`Ragged`), saved with :func:`speccore.io.save_npz`.
+live in one flat array plus offsets (:class:`Ragged`), saved with :func:`speccore.utils.io.save_npz`.
 """
 
 from __future__ import annotations
@@ -28,16 +28,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..data.tokenized import (
+from ..data.batches import (
     IGNORE_INDEX,
     BatchLoop,
     TokenizedData,
     length_grouped_batches,
     sample_indices,
 )
-from ..errors import ConfigError, DataError, ScoringError
-from ..io import load_npz, save_npz
 from ..scoring.losses import eval_mode, model_device, response_loss
+from ..utils.errors import ConfigError, DataError, ScoringError
+from ..utils.io import load_npz, save_npz
 
 logger = logging.getLogger(__name__)
 

@@ -5,8 +5,8 @@ Three concerns, three pieces:
 * model lifecycle: models come from a :class:`~speccore.models.pool.ModelPool` (loaded once per
   pool; a bench shares one pool across its cells); a :class:`ModelSlot` is one model on the
   data with one LoRA adapter, swapped between the fresh (untuned) state and tuned ones;
-* caching: :class:`CachedScorer` gets scores from the :class:`~speccore.cache.ScoreCache` or
-  computes and stores them, every key built by :func:`~speccore.cache.cache_key`;
+* caching: :class:`CachedScorer` gets scores from the :class:`~speccore.utils.cache.ScoreCache` or
+  computes and stores them, every key built by :func:`~speccore.utils.cache.cache_key`;
 * engines: scoring runs through an engine (local batch loop or Ray) that takes a plain
   :class:`~speccore.scoring.request.ScoringRequest`.
 """
@@ -22,21 +22,21 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .cache import ScoreCache, cache_key, model_identity
-from .config import SelectConfig, TrainSettings
-from .data import Formatting, tokenize_dataset
-from .data.tokenized import TokenizedData
-from .errors import ConfigError, DataError
-from .io import atomic_path, load_npz
-from .models.pool import ModelPool
-from .scoring.request import ScoringRequest
-from .selection.base import StageTimer, Trajectories
+from ..config import SelectConfig, TrainSettings
+from ..data import Formatting, tokenize_dataset
+from ..data.batches import TokenizedData
+from ..models.pool import ModelPool
+from ..scoring.request import ScoringRequest
+from ..selection.base import StageTimer, Trajectories
+from ..utils.cache import ScoreCache, cache_key, model_identity
+from ..utils.errors import ConfigError, DataError
+from ..utils.io import atomic_path, load_npz
 
 if TYPE_CHECKING:
     import datasets
     from peft import PeftModel
 
-    from .models import LoadedModel
+    from ..models import LoadedModel
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ Engine = Callable[[ScoringRequest], np.ndarray]
 
 def local_engine(request: ScoringRequest) -> np.ndarray:
     """Scores from the in-process batch loop."""
-    from .scoring import score_samples
+    from ..scoring import score_samples
 
     return score_samples(
         request.model,
@@ -61,7 +61,7 @@ def local_engine(request: ScoringRequest) -> np.ndarray:
 
 def ray_engine(request: ScoringRequest) -> np.ndarray:
     """Scores from a Ray actor pool (see :mod:`speccore.scoring.ray_engine`)."""
-    from .scoring.ray_engine import score_with_ray
+    from ..scoring.ray_engine import score_with_ray
 
     return score_with_ray(request)
 
@@ -143,7 +143,7 @@ class ModelSlot:
         if self._peft is None:
             from peft import get_peft_model_state_dict
 
-            from .models import attach_lora, load_adapter
+            from ..models import attach_lora, load_adapter
 
             if self.adapter_path:
                 self._peft = load_adapter(self.loaded.model, self.adapter_path)
@@ -151,7 +151,7 @@ class ModelSlot:
             else:
                 self._peft = attach_lora(self.loaded.model, self.cfg.lora, seed=self.cfg.tune_seed)
             if self.cfg.gradient_checkpointing:
-                from .models.lora import enable_gradient_checkpointing
+                from ..models.lora import enable_gradient_checkpointing
 
                 enable_gradient_checkpointing(self._peft)
             self._fresh_state = {
@@ -162,10 +162,10 @@ class ModelSlot:
     def release(self) -> None:
         """Detach the LoRA from the (possibly pooled) model: it is pretrained again."""
         if self._peft is not None:
-            from .models import detach_lora
+            from ..models import detach_lora
 
             if self.cfg.gradient_checkpointing:
-                from .models.lora import disable_gradient_checkpointing
+                from ..models.lora import disable_gradient_checkpointing
 
                 disable_gradient_checkpointing(self._peft)
             detach_lora(self._peft)
@@ -210,8 +210,8 @@ class ModelSlot:
         from peft import set_peft_model_state_dict
         from safetensors.torch import load_file
 
-        from .models import save_adapter
-        from .train import finetune
+        from ..models import save_adapter
+        from ..train import finetune
 
         settings = self.cfg.train_settings(epochs)
         key = self.key(
@@ -255,7 +255,7 @@ class ModelSlot:
         return model
 
     def adapter_fp(self) -> str:
-        from .models import adapter_fingerprint
+        from ..models import adapter_fingerprint
 
         return adapter_fingerprint(self.peft)
 
@@ -276,7 +276,7 @@ class ModelSlot:
         self, score: str, key: str, indices: np.ndarray | None, checkpoint: Path | None
     ) -> ScoringRequest:
         """A plain scoring request for an engine, under the adapter in use."""
-        from .models import save_adapter
+        from ..models import save_adapter
 
         return ScoringRequest(
             model=self.peft,
@@ -306,8 +306,8 @@ class ModelSlot:
         the method: S2L after STAFF then needs no second fine-tune."""
         if self.role != "small":
             return None
-        from .selection.s2l import snapshot_steps
-        from .train import plan_steps
+        from ..selection.s2l import snapshot_steps
+        from ..train import plan_steps
 
         wanted = set(snapshot_steps(len(plan_steps(len(data), settings))))
         snapshots = snapshot_folder(folder)
@@ -321,7 +321,7 @@ class ModelSlot:
 
     def fine_tune_steps(self, epochs: float) -> int:
         """Optimizer steps of this model's full-data fine-tune of ``epochs`` epochs."""
-        from .train import plan_steps
+        from ..train import plan_steps
 
         return len(plan_steps(len(self.data), self.cfg.train_settings(epochs)))
 
@@ -341,7 +341,7 @@ class ModelSlot:
         from peft import set_peft_model_state_dict
         from safetensors.torch import load_file
 
-        from .train import finetune
+        from ..train import finetune
 
         folder, state = self.tuned_adapter_dir, self.state
         assert folder is not None and state.startswith("tuned:")
@@ -404,7 +404,7 @@ class CachedScorer:
         return np.array([known[i] for i in indices.tolist()], dtype=np.float64)
 
     def embeddings(self, stage: str) -> np.ndarray:
-        from .scoring import embed_samples
+        from ..scoring import embed_samples
 
         slot, cache = self.slot, self.slot.cache
         key = self.key("embedding")
@@ -485,7 +485,7 @@ class ModelProvider:
     def _small_name(self) -> str:
         """``--small``, or for ``derive:…`` the folder of the model derived from the target on
         the run's rows (cached; the derivation and its healing are the "small derive" stage)."""
-        from .derive import is_derive_spec, resolve_derived
+        from ..proxies.derive import is_derive_spec, resolve_derived
 
         name = str(self.config.small)
         if not is_derive_spec(name):
@@ -520,7 +520,7 @@ class ModelProvider:
     def _check_family(self) -> None:
         if self._family_checked or self._small is None or self._target is None:
             return
-        from .models import check_family
+        from ..models import check_family
 
         self._family_checked = True
         check_family(
@@ -591,7 +591,7 @@ class ModelProvider:
         fine-tune (see :mod:`speccore.selection.s2l`): the untuned start, LoRA snapshots the
         fine-tune saved, and the tuned adapter. Each column is a cached, resumable "loss"
         scoring pass; the assembled [N, C] array is cached under the tuned adapter."""
-        from .selection.s2l import TRAJECTORY_STAGE, checkpoint_steps
+        from ..selection.s2l import TRAJECTORY_STAGE, checkpoint_steps
 
         epochs = self.config.small_epochs
         slot = self.small

@@ -16,9 +16,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import ConfigError
-from ..io import fingerprint
-from ..progress import progress
+from ..utils.errors import ConfigError
+from ..utils.io import fingerprint
+from ..utils.progress import progress
 
 IGNORE_INDEX = -100
 
@@ -177,7 +177,7 @@ class BatchLoop:
     None), e.g. from :func:`length_grouped_batches`. Batches whose number is in ``skip`` (done
     before a resume) are neither collated nor counted again: the bar starts at their size. The
     bar (unit ``unit``, one per row) advances once the caller is done with a batch, so its
-    estimate of the time left reflects finished work; :func:`speccore.progress.set_quiet` hides
+    estimate of the time left reflects finished work; :func:`speccore.utils.progress.set_quiet` hides
     it. Use it as a context manager, so that the bar is closed even when the loop body raises::
 
         with BatchLoop(data, plan, device=device, desc="loss") as loop:

@@ -25,16 +25,16 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .config import SelectConfig, coreset_size
-from .data.tokenized import TokenizedData, collate, length_grouped_batches
-from .selection.base import Work
+from ..config import SelectConfig, coreset_size
+from ..data.batches import TokenizedData, collate, length_grouped_batches
+from ..selection.base import Work
 
 if TYPE_CHECKING:
     import datasets
     import torch
 
+    from ..selection import Selection
     from .provider import ModelProvider, ModelSlot
-    from .selection import Selection
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ class StageEstimate:
 def planned_work(cfg: SelectConfig, n: int) -> list[Work]:
     """The model work ``cfg.method`` will do on ``n`` samples, stage by stage (the method's
     own :meth:`~speccore.selection.base.SelectionMethod.plan`, without its model-free steps)."""
-    from .selection import get_method
+    from ..selection import get_method
 
     return [w for w in get_method(cfg.method).plan(cfg, n) if w.role != "none"]
 
@@ -69,7 +69,7 @@ def dry_run(cfg: SelectConfig, dataset: datasets.Dataset | None = None) -> dict[
     (measured), ``total_tokens``, ``total_seconds``, ``peak_rss_bytes``, ``peak_gpu_bytes``
     and ``dry_run_seconds``; :func:`format_estimate` turns it into a table.
     """
-    from .data import load_rows
+    from ..data import load_rows
     from .provider import ModelProvider
 
     start = time.perf_counter()
@@ -81,7 +81,7 @@ def dry_run(cfg: SelectConfig, dataset: datasets.Dataset | None = None) -> dict[
     provider = ModelProvider(cfg, dataset)
     _reset_gpu_peak()
     loads: dict[str, float] = {}
-    from .models.load import GpuMemoryByStage
+    from ..models.load import GpuMemoryByStage
 
     memory = GpuMemoryByStage()
     stages = []
@@ -115,7 +115,7 @@ def dry_run_selection(
 ) -> Selection:
     """The dry run as an empty :class:`Selection` whose ``info["dry_run"]`` holds the estimate
     (what ``select`` returns for ``dry_run=True``)."""
-    from .selection import Selection
+    from ..selection import Selection
 
     estimate = dry_run(cfg, dataset)
     return Selection(
@@ -161,7 +161,7 @@ def _estimate(provider: ModelProvider, work: Work, loads: dict[str, float]) -> S
 
 def training_pieces(data: TokenizedData, cfg: SelectConfig, epochs: float) -> list[np.ndarray]:
     """Every forward pass of the fine-tune (its batches split by ``max_batch_tokens``)."""
-    from .train import plan_steps
+    from ..train import plan_steps
 
     settings = cfg.train_settings(epochs)
     lengths = data.lengths
@@ -215,10 +215,10 @@ def _step_function(kind: str) -> Callable[[Any, dict[str, torch.Tensor]], Any]:
     if kind == "train":
         return _train_step
     if kind == "embedding":
-        from .scoring import embedding_batch
+        from ..scoring import embedding_batch
 
         return embedding_batch
-    from .scoring import SCORE_FUNCTIONS
+    from ..scoring import SCORE_FUNCTIONS
 
     return SCORE_FUNCTIONS[kind]
 
@@ -226,7 +226,7 @@ def _step_function(kind: str) -> Callable[[Any, dict[str, torch.Tensor]], Any]:
 def _train_step(model: Any, batch: dict[str, torch.Tensor]) -> None:
     """A fine-tune's forward and backward (train mode, dropout on), then the gradients are
     dropped: no optimizer step, so the adapter is unchanged."""
-    from .scoring.losses import response_loss
+    from ..scoring.losses import response_loss
 
     params = [p for p in model.parameters() if p.requires_grad]
     model.train()
@@ -245,7 +245,7 @@ def _train_step(model: Any, batch: dict[str, torch.Tensor]) -> None:
 
 
 def _model_device(model: Any) -> torch.device:
-    from .scoring.losses import model_device
+    from ..scoring.losses import model_device
 
     return model_device(model)
 

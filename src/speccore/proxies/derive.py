@@ -19,14 +19,14 @@ target itself:
 4. **Publish.** A standard Hugging Face folder (``AutoModelForCausalLM.from_pretrained`` loads
    it) with the target's tokenizer and a ``derivation.json`` saying how it was made, cached under
    ``cache_root()/derived/<key>`` like a GGUF conversion: ``key`` (:func:`derivation_key`, built
-   by :func:`speccore.cache.cache_key`) holds the target's identity, the teacher's dtype and
+   by :func:`speccore.utils.cache.cache_key`) holds the target's identity, the teacher's dtype and
    device type, every derivation setting and, when data is used, the data. A second call with
    the same inputs returns the cached folder without loading anything.
 
 ``select --small derive:0.5`` (and ``models.small: derive:0.5`` in a bench config) derives the
 small model from ``--target`` on the run's own rows (:func:`resolve_derived`, the provider's
 "small derive" stage); ``speccore derive`` builds one from the command line and ``speccore
-agree`` checks any small model against its target (:mod:`speccore.agree`).
+agree`` checks any small model against its target (:mod:`speccore.proxies.agree`).
 
 The defaults of :class:`DeriveSettings` come from the measurement in its docstring.
 """
@@ -52,13 +52,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import interrupt
-from .agree import sample_rows
-from .cache import SCORER_VERSIONS, cache_key
-from .data.tokenized import IGNORE_INDEX, TokenizedData, collate, length_grouped_batches
-from .errors import ConfigError, ModelError
-from .io import cache_root, copy_tree, make_temp_dir, write_json
-from .models.load import (
+from ..data.batches import IGNORE_INDEX, TokenizedData, collate, length_grouped_batches
+from ..models.load import (
     LoadedModel,
     load_model,
     publish_folder,
@@ -66,11 +61,16 @@ from .models.load import (
     resolve_dtype,
     resolve_model,
 )
-from .models.lora import seeded
-from .progress import progress
-from .scoring.losses import eval_mode, forward, model_device
-from .train import lr_factor, warmup_steps
-from .train.lora import RunState, StepCheckpoint, checkpoint_key, save_for_stop
+from ..models.lora import seeded
+from ..scoring.losses import eval_mode, forward, model_device
+from ..train import lr_factor, warmup_steps
+from ..train.finetune import RunState, StepCheckpoint, checkpoint_key, save_for_stop
+from ..utils import interrupt
+from ..utils.cache import SCORER_VERSIONS, cache_key
+from ..utils.errors import ConfigError, ModelError
+from ..utils.io import cache_root, copy_tree, make_temp_dir, write_json
+from ..utils.progress import progress
+from .agree import sample_rows
 
 logger = logging.getLogger(__name__)
 
@@ -282,7 +282,7 @@ def derivation_key(
     device_type: str,
     data: TokenizedData | None,
 ) -> str:
-    """The cache key of a derivation (built by :func:`~speccore.cache.cache_key`).
+    """The cache key of a derivation (built by :func:`~speccore.utils.cache.cache_key`).
 
     It holds the target's source identity (the same whether the target is passed by name or
     loaded), the teacher's dtype (``"torch.float32"``) and device type (healing on a GPU and on
@@ -585,20 +585,20 @@ def heal(
     With ``checkpoint`` (a file path), the state after a step (trained weights, optimizer,
     schedule, RNG states, the losses so far) is saved there atomically every
     ``HEAL_CHECKPOINT_SECONDS``, at the end, and when a stop signal arrives inside
-    :func:`speccore.interrupt.interruptible`; a later call with the same student, data and
+    :func:`speccore.utils.interrupt.interruptible`; a later call with the same student, data and
     settings resumes from that step and heals to the same weights, bit for bit, as an
     uninterrupted run (a state of another healing is ignored).
 
     Returns ``{"model": the healed student (plain, frozen, eval mode), "losses": each step's KL,
     "resumed_at": the step a checkpoint resumed from (0: none)}``.
     """
-    from .models.lora import attach_lora
+    from ..models.lora import attach_lora
 
     model: Any = student
     for p in model.parameters():
         p.requires_grad_(False)
     if settings.heal_mode == "lora":
-        from .config import LoraSettings
+        from ..config import LoraSettings
 
         lora = LoraSettings(r=settings.heal_lora_r, alpha=2 * settings.heal_lora_r, dropout=0.0)
         model = attach_lora(student, lora, seed=settings.seed)

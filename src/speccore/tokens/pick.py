@@ -31,9 +31,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..data import Formatting, format_rows, row_label
-from ..data.tokenized import TokenizedData
-from ..errors import ConfigError, DataError
-from ..io import write_json
+from ..data.batches import TokenizedData
+from ..utils.errors import ConfigError, DataError
+from ..utils.io import write_json
 from .align import map_scores, response_tokens_batch
 from .masks import (
     attach_token_masks,
@@ -49,7 +49,7 @@ if TYPE_CHECKING:
     from peft import PeftModel
 
     from ..config import SelectConfig
-    from ..provider import ModelProvider, ModelSlot
+    from ..run.provider import ModelProvider, ModelSlot
     from ..selection import Selection
 
 logger = logging.getLogger(__name__)

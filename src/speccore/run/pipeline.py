@@ -20,17 +20,17 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .config import SelectConfig, coreset_size
-from .data import Formatting, format_rows, load_rows, write_coreset
-from .errors import ConfigError, DataError
-from .io import atomic_open
+from ..config import SelectConfig, coreset_size
+from ..data import Formatting, format_rows, load_rows, write_coreset
+from ..selection import Selection, get_method
+from ..utils.errors import ConfigError, DataError
+from ..utils.io import atomic_open
 from .provider import ModelProvider
-from .report import describe, summary_text
-from .selection import Selection, get_method
+from .summary import describe, summary_text
 
 if TYPE_CHECKING:
-    from .models.pool import ModelPool
-    from .tokens import TokenSelection
+    from ..models.pool import ModelPool
+    from ..tokens import TokenSelection
 
 logger = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ def _run(
     selection.method = cfg.method
     tokens = None
     if cfg.token_keep < 1:
-        from .tokens import select_tokens
+        from ..tokens import select_tokens
 
         with provider.stage("token selection"):
             tokens = select_tokens(provider, selection, cfg)
@@ -115,7 +115,7 @@ def preflight(cfg: SelectConfig) -> Any:
     Formatting.from_config(cfg).validate()
     method = get_method(cfg.method)
     if cfg.engine == "ray":
-        from .scoring.ray_engine import require_ray
+        from ..scoring.ray_engine import require_ray
 
         require_ray()
     check_models(cfg, method.needs)
@@ -133,7 +133,7 @@ def preflight(cfg: SelectConfig) -> Any:
 def check_models(cfg: SelectConfig, needs: tuple[str, ...]) -> None:
     """Each model the method needs is named, and each name resolves: aliases, paths and hub
     names (a misspelt alias gets a suggestion; offline, a hub name fails at once)."""
-    from .models.load import check_model_name
+    from ..models.load import check_model_name
 
     for role in needs:
         name = cfg.small if role == "small" else cfg.target
@@ -207,7 +207,7 @@ def check_chat_formats(cfg: SelectConfig, provider: ModelProvider) -> None:
     fmt = Formatting.from_config(cfg)
     if not fmt.chat_template and not fmt.messages_field:
         return
-    from .errors import ModelError
+    from ..utils.errors import ModelError
 
     for role in get_method(cfg.method).needs:
         if role == "small" and cfg.scores:
@@ -260,7 +260,7 @@ def write_run(
     """The run folder: coreset in the input's format, selection.json, summary, small adapter,
     and the token masks when token-level selection ran. Written into a temporary sibling and
     moved into place at the end."""
-    from .io import copy_tree, make_temp_dir
+    from ..utils.io import copy_tree, make_temp_dir
 
     out = Path(str(cfg.out)).expanduser()
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -284,7 +284,7 @@ def write_run(
 def _replace_dir(new: Path, dest: Path) -> None:
     """Move folder ``new`` to ``dest``, replacing what is there (old folder moved aside first:
     a folder cannot be renamed over a non-empty one)."""
-    from .io import publish_dir_mode
+    from ..utils.io import publish_dir_mode
 
     publish_dir_mode(new)
     old = dest.parent / f".{dest.name}.old"
@@ -297,4 +297,4 @@ def _replace_dir(new: Path, dest: Path) -> None:
 
 def import_methods() -> None:
     """Import every method module so that the registry is complete."""
-    from . import selection  # noqa: F401
+    from .. import selection  # noqa: F401

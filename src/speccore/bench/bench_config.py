@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import LoraSettings, SelectConfig, TrainSettings, bench_set_fields, token_fields
-from ..errors import ConfigError
+from ..utils.errors import ConfigError
 from .metrics import MetricSettings
 
 DEFAULT_PRUNE_RATES = [0.2, 0.5, 0.7, 0.8, 0.9]
@@ -256,7 +256,7 @@ class BenchConfig:
 def _validate_top(cfg: BenchConfig) -> None:
     if not cfg.out:
         raise ConfigError("out is required: the bench folder for results, tables and plots")
-    from ..pipeline import import_methods
+    from ..run.pipeline import import_methods
     from ..selection import method_names
 
     import_methods()

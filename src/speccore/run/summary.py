@@ -9,8 +9,8 @@ import numpy as np
 if TYPE_CHECKING:
     import datasets
 
-    from .data.tokenized import TokenizedData
-    from .selection.base import Selection
+    from ..data.batches import TokenizedData
+    from ..selection.base import Selection
 
 
 def distribution(values: np.ndarray) -> dict[str, float]:
@@ -66,7 +66,7 @@ def describe(
 def verified_rand_index(selection: Selection) -> float | None:
     """Rand index of the K equal-width regions that the small and the target scores of STAFF's
     verified samples each induce (K = the run's ``regions``); None without verified scores."""
-    from .agree import rand_index
+    from ..proxies.agree import rand_index
 
     agree = selection.info.get("agreement") or {}
     small, target = agree.get("small"), agree.get("target")

@@ -21,13 +21,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from .. import interrupt
 from ..config import TrainSettings
-from ..data.tokenized import IGNORE_INDEX, BatchLoop, TokenizedData, length_grouped_batches
-from ..errors import ConfigError, DataError, ModelError
-from ..io import atomic_path, fingerprint
+from ..data.batches import IGNORE_INDEX, BatchLoop, TokenizedData, length_grouped_batches
 from ..models.lora import seeded
 from ..scoring.losses import response_loss
+from ..utils import interrupt
+from ..utils.errors import ConfigError, DataError, ModelError
+from ..utils.io import atomic_path, fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -59,8 +59,8 @@ def finetune(
     optimizer and scheduler, the step, the RNG states of torch, numpy and Python, the losses so
     far) is saved atomically to ``checkpoint/finetune_state.pt`` every ``checkpoint_steps``
     steps and/or every ``checkpoint_seconds`` seconds (None: not by that measure), at the end,
-    and when a stop signal arrives inside :func:`speccore.interrupt.interruptible` (then
-    :class:`speccore.interrupt.Interrupted` is raised). A later call with the same model
+    and when a stop signal arrives inside :func:`speccore.utils.interrupt.interruptible` (then
+    :class:`speccore.utils.interrupt.Interrupted` is raised). A later call with the same model
     (initial trainable weights), data and settings resumes from that step and gives the same
     adapter, bit for bit, as an uninterrupted run; a state made for another fine-tune is
     ignored. The folder does not identify the base model: use one per model. It is never

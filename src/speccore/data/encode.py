@@ -19,11 +19,11 @@ from typing import Any
 
 import datasets
 
-from ..errors import ConfigError, DataError, ModelError
-from ..progress import progress
-from .load import row_label
+from ..utils.errors import ConfigError, DataError, ModelError
+from ..utils.progress import progress
+from .batches import IGNORE_INDEX, TokenizedData
+from .read import row_label
 from .template import Formatting, format_rows
-from .tokenized import IGNORE_INDEX, TokenizedData
 
 logger = logging.getLogger(__name__)
 

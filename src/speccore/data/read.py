@@ -33,8 +33,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..errors import DataError
-from ..io import atomic_path
+from ..utils.errors import DataError
+from ..utils.io import atomic_path
 
 logger = logging.getLogger(__name__)
 

@@ -32,7 +32,7 @@ SCORER_VERSIONS: dict[str, int] = {
     "trajectory": 1,
     "perplexity": 1,
     "adapter": 2,  # the LoRA fine-tune (train.finetune)
-    "derive": 1,  # a derived small model (speccore.derive): layer choice, healing, folder
+    "derive": 1,  # a derived small model (speccore.proxies.derive): layer choice, healing, folder
 }
 
 

@@ -19,10 +19,10 @@ from typing import Any
 
 import numpy as np
 
-from .config import LoraSettings
-from .data.tokenized import TokenizedData
-from .errors import ConfigError, DataError
-from .selection.regions import equal_width_regions
+from ..config import LoraSettings
+from ..data.batches import TokenizedData
+from ..selection.regions import equal_width_regions
+from ..utils.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
 
@@ -196,7 +196,7 @@ def compare(small: ScoredRows, target: ScoredRows, *, regions: int = 10) -> Agre
     common = [s for s in small.scores if s in target.scores]
     if not common:
         raise ConfigError(f"{small.name} and {target.name} share no score to compare")
-    from .models import check_family
+    from ..models import check_family
 
     # Warns (once, with the usual explanation) when the pair is cross-family.
     same = check_family(small.tokenizer, target.tokenizer, small.name, target.name)
@@ -316,8 +316,8 @@ def _score_model(
 
     ``small``: the small model's run, when this is the target: its data must match.
     """
-    from .models import LoadedModel, attach_lora, detach_lora, load_model
-    from .scoring import score_samples
+    from ..models import LoadedModel, attach_lora, detach_lora, load_model
+    from ..scoring import score_samples
 
     if isinstance(model, LoadedModel):
         loaded = model
