@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +76,60 @@ class ModelWorkSpy:
 
         monkeypatch.setattr(train, "finetune", finetune)
         monkeypatch.setattr(scoring, "score_samples", score_samples)
+
+
+class ArrayProvider:
+    """A :class:`~speccore.selection.base.ScoreProvider` of plain arrays: a method's model work
+    is answered from ``outputs`` (a ModelWork → array; missing work gets a seeded log-normal
+    array of the right shape) and every request is recorded in ``asked``; no model loads."""
+
+    def __init__(
+        self,
+        n: int,
+        config: SelectConfig,
+        outputs: dict[Any, np.ndarray] | None = None,
+        n_steps: int = 12,
+    ) -> None:
+        self.n, self.config, self.n_steps = n, config, n_steps
+        self.outputs = dict(outputs or {})
+        self.asked: list[Any] = []
+        self.rows_asked: list[np.ndarray] = []
+        self.stages: list[str] = []
+        self.open_stage: str | None = None
+        self._rng = np.random.default_rng(123)
+
+    def get(self, work: Any, rows: np.ndarray | None = None) -> np.ndarray:
+        assert self.open_stage is not None, f"{work} asked for outside a stage"
+        self.asked.append(work)
+        if work not in self.outputs:
+            shape: tuple[int, ...] = (self.n,)
+            if work.output == "embedding":
+                shape = (self.n, 8)
+            elif work.checkpoints > 1:
+                shape = (self.n, work.checkpoints)
+            values = self._rng.lognormal(size=shape)
+            if work.output == "embedding":
+                values /= np.linalg.norm(values, axis=1, keepdims=True)
+            self.outputs[work] = values
+        values = self.outputs[work]
+        if work.some_rows:
+            assert rows is not None, f"{work} needs rows"
+            self.rows_asked.append(np.asarray(rows))
+            return values[np.asarray(rows, dtype=np.int64)].copy()
+        assert rows is None
+        return values.copy()
+
+    def fine_tune_steps(self, model: str) -> int:
+        return self.n_steps
+
+    @contextlib.contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        self.stages.append(name)
+        outer, self.open_stage = self.open_stage, name
+        try:
+            yield
+        finally:
+            self.open_stage = outer
 
 
 def micro_bench_settings(

@@ -1,23 +1,22 @@
-"""One contract for every registered method, on a fake provider (arrays in, no model):
+"""One contract for every registered method, on a recording provider (arrays in, no model):
 exactly m unique indices in [0, N); the same seed gives the same coreset, another seed another
-one where the method draws at random; its settings are a registered dataclass; its dry-run plan
-is not empty."""
+one where the method draws at random; its settings are a registered dataclass; the model work
+it asks for is exactly the work it declares, so its plan (derived from that) is what it does."""
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import pytest
 
+from conftest import ArrayProvider
 from speccore.config import SelectConfig, coreset_size, select_flags
 from speccore.selection.base import (
     MethodSettings,
+    ModelWork,
     SelectionMethod,
-    Trajectories,
     Work,
     get_method,
     method_class,
@@ -29,65 +28,23 @@ from speccore.utils.errors import ConfigError
 N = 60
 
 
-class FakeProvider:
-    """Every score a method may ask for, as seeded arrays; no model is ever loaded."""
-
-    def __init__(self, n: int, config: SelectConfig) -> None:
-        self.n, self.config = n, config
-        self.rng = np.random.default_rng(123)
-        self._cache: dict[Any, np.ndarray] = {}
-
-    def _array(self, key: Any, *shape: int) -> np.ndarray:
-        if key not in self._cache:
-            self._cache[key] = self.rng.lognormal(size=(self.n, *shape) if shape else self.n)
-        return self._cache[key]
-
-    def small_scores(self, score: str) -> np.ndarray:
-        return self._array(("small", score)).copy()
-
-    def verifier(self, score: str) -> Any:
-        target = self._array(("verify", score))
-        return lambda idx: target[np.asarray(idx, dtype=np.int64)]
-
-    def target_scores(self, score: str, tuned: bool) -> np.ndarray:
-        return self._array(("target", score, tuned)).copy()
-
-    def target_embeddings(self) -> np.ndarray:
-        x = self._array("embeddings", 8)
-        return x / np.linalg.norm(x, axis=1, keepdims=True)
-
-    def small_model_scores(self, score: str, tuned: bool) -> np.ndarray:
-        return self._array(("small", score, tuned)).copy()
-
-    def small_trajectories(self, checkpoints: int) -> Trajectories:
-        losses = self._array(("trajectories", checkpoints), checkpoints).copy()
-        steps = [round(c * 12 / (checkpoints - 1)) for c in range(checkpoints)]
-        return Trajectories(losses=losses, steps=steps, n_steps=12, epochs=3.0)
-
-    @contextlib.contextmanager
-    def stage(self, name: str) -> Iterator[None]:
-        yield
-
-    def __getattr__(self, name: str) -> Any:
-        raise AttributeError(
-            f"the fake provider has no {name!r}: a method asked for something outside the "
-            "ScoreProvider protocol (add it there and here)"
-        )
-
-
-def run(name: str, seed: int, prune_rate: float = 0.7) -> np.ndarray:
+def run(name: str, seed: int, prune_rate: float = 0.7, **settings: Any) -> ArrayProvider:
     cfg = SelectConfig.from_dict(
-        {"data": "fake", "method": name, "prune_rate": prune_rate, "regions": 5}
+        {"data": "fake", "method": name, "prune_rate": prune_rate, "regions": 5, **settings}
     )
-    m = coreset_size(N, prune_rate)
-    selection = get_method(name).select(FakeProvider(N, cfg), m, seed)
-    return selection.indices
+    provider = ArrayProvider(N, cfg)
+    provider.selection = get_method(name).select(provider, coreset_size(N, prune_rate), seed)
+    return provider
+
+
+def indices(name: str, seed: int, prune_rate: float = 0.7) -> np.ndarray:
+    return run(name, seed, prune_rate).selection.indices
 
 
 @pytest.mark.parametrize("name", method_names())
 def test_exactly_m_unique_indices_in_range(name: str) -> None:
     for p in (0.2, 0.7, 0.95):
-        idx = run(name, seed=0, prune_rate=p)
+        idx = indices(name, seed=0, prune_rate=p)
         m = coreset_size(N, p)
         assert len(idx) == m, f"{name} kept {len(idx)} at p = {p}, m = {m}"
         assert len(np.unique(idx)) == m
@@ -96,9 +53,9 @@ def test_exactly_m_unique_indices_in_range(name: str) -> None:
 
 @pytest.mark.parametrize("name", method_names())
 def test_same_seed_same_coreset_other_seed_other_one(name: str) -> None:
-    a, b = run(name, seed=0), run(name, seed=0)
+    a, b = indices(name, seed=0), indices(name, seed=0)
     assert np.array_equal(a, b)
-    other = [run(name, seed=s) for s in (1, 2, 3)]
+    other = [indices(name, seed=s) for s in (1, 2, 3)]
     differs = any(not np.array_equal(a, o) for o in other)
     assert differs == method_class(name).random_draws, (
         f"{name}: random_draws={method_class(name).random_draws} but seeds "
@@ -115,9 +72,60 @@ def test_settings_description_and_plan(name: str) -> None:
     assert {f.name for f in dataclasses.fields(cls.settings_class)} <= flags
     cfg = SelectConfig.from_dict({"data": "fake", "method": name})
     plan = get_method(name).plan(cfg, N)
-    assert plan and all(isinstance(w, Work) for w in plan)
-    roles = {w.role for w in plan} - {"none"}
+    assert all(isinstance(w, Work) for w in plan)
+    roles = {w.role for w in plan}
     assert roles <= set(cls.needs), f"{name} plans work on {roles} but needs {cls.needs}"
+
+
+# Settings under which a method's requests change; each method runs under its own and none.
+VARIANTS: list[dict[str, Any]] = [
+    {},
+    {"verification": False},
+    {"score": "loss"},
+    {"perplexity_model": "tuned"},
+    {"s2l_checkpoints": 4},
+]
+
+
+@pytest.mark.parametrize("name", method_names())
+@pytest.mark.parametrize("settings", VARIANTS, ids=lambda s: ",".join(s) or "defaults")
+def test_requests_are_exactly_what_select_asks_for(name: str, settings: dict[str, Any]) -> None:
+    fields = {f.name for f in dataclasses.fields(method_class(name).settings_class)}
+    if not set(settings) <= fields:
+        pytest.skip(f"{name} has no setting {set(settings) - fields}")
+    provider = run(name, seed=0, **settings)
+    declared = get_method(name).requests(provider.config, N)
+    assert set(provider.asked) == set(declared), (
+        f"{name} asked for {set(provider.asked)} but declares {set(declared)}"
+    )
+    assert len(set(declared)) == len(declared), f"{name} declares a request twice"
+    # The plan is derived from the requests: a stage for each, a fine-tune per tuned model.
+    plan = get_method(name).plan(provider.config, N)
+    assert [w.stage for w in plan if w.kind != "train"] == [w.stage for w in declared]
+    tuned = {w.model for w in declared if w.tuned}
+    assert {w.role for w in plan if w.kind == "train"} == tuned
+
+
+def test_a_recording_provider_catches_an_undeclared_request() -> None:
+    """The check above can fail: a method asking for more than it declares."""
+
+    class Sneaky(SelectionMethod):
+        name = "sneaky-test"
+        description = "asks for work it does not declare"
+
+        def requests(self, config: Any, n: int) -> list[ModelWork]:
+            return [ModelWork("small", "loss")]
+
+        def select(self, provider: Any, budget: int, seed: int) -> Any:
+            with provider.stage("small setup"):
+                provider.get(ModelWork("small", "loss"))
+                provider.get(ModelWork("small", "effort", tuned=True))
+            return None
+
+    cfg = SelectConfig.from_dict({"data": "fake", "method": "random"})
+    provider = ArrayProvider(N, cfg)
+    Sneaky().select(provider, 3, 0)
+    assert set(provider.asked) != set(Sneaky().requests(cfg, N))
 
 
 def test_registration_checks_what_a_method_must_declare() -> None:
@@ -126,7 +134,7 @@ def test_registration_checks_what_a_method_must_declare() -> None:
 
         def select(self, provider: Any, budget: int, seed: int) -> Any: ...
 
-        def plan(self, config: Any, n: int) -> list[Work]:
+        def requests(self, config: Any, n: int) -> list[ModelWork]:
             return []
 
     with pytest.raises(TypeError, match="no name"):

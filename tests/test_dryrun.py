@@ -63,7 +63,7 @@ def test_baseline_dry_run_estimates_the_target_fine_tune(
         ({"method": "random"}, []),
         ({"verification": False, "small_adapter": "a"}, ["small scoring"]),
         ({"scores": "s.npy"}, ["target verification"]),
-        ({"method": "d2"}, ["target fine-tune", "target scoring", "tuned-target embeddings"]),
+        ({"method": "d2"}, ["target fine-tune", "target scoring", "target embeddings"]),
     ],
 )
 def test_planned_work_follows_the_method_and_flags(

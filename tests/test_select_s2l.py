@@ -17,16 +17,15 @@ import pytest
 import speccore
 from conftest import ModelWorkSpy, tiny_select_config
 from speccore.config import LoraSettings, SelectConfig, TrainSettings
-from speccore.selection.base import Trajectories, get_method, method_names, rng_for
-from speccore.selection.s2l import (
+from speccore.run.pipeline import select_with_tokens
+from speccore.selection.base import get_method, method_names, rng_for
+from speccore.selection.checkpoints import (
     SNAPSHOT_GRID,
-    balanced_sample,
     checkpoint_grid,
     checkpoint_steps,
-    cluster_trajectories,
-    s2l_select,
     snapshot_steps,
 )
+from speccore.selection.s2l import balanced_sample, cluster_trajectories, s2l_select, trajectories
 from speccore.utils.errors import ConfigError, ScoringError
 
 # --- checkpoints ------------------------------------------------------------------------------
@@ -41,8 +40,12 @@ def test_checkpoints_are_evenly_spaced_on_the_grid_both_ends_included():
     # 12/5 = 2.4 apart: 0, 2.4, 4.8, 7.2, 9.6, 12 rounded to the nearest grid point.
     assert checkpoint_grid(6) == [0, 2, 5, 7, 10, 12]
     for bad in (0, 1, 14):
-        with pytest.raises(ConfigError, match="--s2l-checkpoints"):
+        with pytest.raises(ConfigError, match="checkpoints must be in"):
             checkpoint_grid(bad)
+        with pytest.raises(ConfigError, match="--s2l-checkpoints must be in"):
+            SelectConfig.from_dict(
+                {"data": "x", "method": "s2l", "s2l_checkpoints": bad}
+            ).validate()
 
 
 def test_checkpoint_steps_and_snapshot_steps():
@@ -175,10 +178,13 @@ class FakeProvider:
         self.asked: list[int] = []
         self.stages: list[str] = []
 
-    def small_trajectories(self, checkpoints: int) -> Trajectories:
-        self.asked.append(checkpoints)
-        steps = checkpoint_steps(12, checkpoints)
-        return Trajectories(self.losses[:, : len(steps)], steps, 12, 3.0)
+    def get(self, work, rows=None) -> np.ndarray:  # type: ignore[no-untyped-def]
+        assert (work.model, work.output, work.tuned) == ("small", "loss", True)
+        self.asked.append(work.checkpoints)
+        return self.losses[:, : work.checkpoints]
+
+    def fine_tune_steps(self, model: str) -> int:
+        return 12
 
     def __getattr__(self, name: str):  # type: ignore[no-untyped-def]
         raise AssertionError(f"s2l asked the provider for {name}")
@@ -230,7 +236,7 @@ def test_method_refuses_what_has_no_trajectory(tmp_path: Path):
 
 def test_plan_is_the_small_fine_tune_and_c_loss_passes():
     work = get_method("s2l").plan(_cfg(s2l_checkpoints=4, small_epochs=2), 30)
-    model_work = [(w.stage, w.role, w.kind, w.epochs, w.samples) for w in work if w.role != "none"]
+    model_work = [(w.stage, w.role, w.kind, w.epochs, w.samples) for w in work]
     assert model_work == [
         ("small fine-tune", "small", "train", 2.0, None),
         ("small trajectories", "small", "loss", 0.0, 120),
@@ -300,7 +306,11 @@ def test_staff_then_s2l_fine_tune_the_small_model_once(
 ):
     spy = ModelWorkSpy(monkeypatch)
     staff_out = tmp_path / "staff"
-    speccore.select(tiny_select_config(jsonl_data, model_dirs, out=str(staff_out), device="cpu"))
+    # A bench that runs S2L after STAFF tells STAFF's run what S2L will ask of the cache.
+    select_with_tokens(
+        tiny_select_config(jsonl_data, model_dirs, out=str(staff_out), device="cpu"),
+        expect=[trajectories(7)],
+    )
     assert spy.finetunes == [24]
     sel = speccore.select(
         tiny_select_config(jsonl_data, model_dirs, method="s2l", s2l_clusters=4, device="cpu")
@@ -333,6 +343,15 @@ def test_staff_then_s2l_fine_tune_the_small_model_once(
     )
     assert spy.finetunes == [24] and spy.scored == []
     np.testing.assert_array_equal(np.array(again.info["trajectories"]), traj)
+
+
+def test_staff_alone_keeps_no_snapshots(
+    jsonl_data: Path, model_dirs: dict[str, Path], isolated_cache: Path
+):
+    speccore.select(tiny_select_config(jsonl_data, model_dirs, device="cpu"))
+    assert list(isolated_cache.glob("adapters/*")) and not list(
+        isolated_cache.glob("adapters/*.snapshots")
+    )
 
 
 def test_adapter_without_snapshots_is_fine_tuned_again_for_them(

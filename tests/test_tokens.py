@@ -11,12 +11,13 @@ import numpy as np
 import pytest
 import torch
 
-import speccore.tokens.pick as token_selection
+import speccore.run.tokens as token_selection
 from speccore import SelectConfig
 from speccore.config import LoraSettings, TrainSettings
 from speccore.data import IGNORE_INDEX, TokenizedData, collate, tokenize_pairs
 from speccore.models import adapter_fingerprint, attach_lora, tiny_causal_lm, tiny_tokenizer
 from speccore.run.provider import ModelProvider
+from speccore.run.tokens import select_tokens
 from speccore.selection import Selection
 from speccore.tokens import (
     Ragged,
@@ -31,7 +32,6 @@ from speccore.tokens import (
     save_token_labels,
     save_token_masks,
     select_response_tokens,
-    select_tokens,
     token_losses_of,
 )
 from speccore.train import finetune

@@ -45,8 +45,8 @@ if TYPE_CHECKING:
 
     from ..data.batches import TokenizedData
     from ..models import LoadedModel
-    from ..selection import Selection
-    from ..tokens import TokenSelection
+    from ..run.tokens import TokenSelection
+    from ..selection import ModelWork, Selection
 
 logger = logging.getLogger(__name__)
 
@@ -151,6 +151,20 @@ class BenchRunner:
         self._eval_tokens: TokenizedData | None = None
         self._prompts: list[str] | None = None
 
+    @property
+    def expected_work(self) -> list[ModelWork]:
+        """The model work of every selecting cell: each cell's provider knows what the others
+        will ask of the shared cache (S2L's checkpoints of the small fine-tune STAFF runs)."""
+        from ..selection import get_method
+
+        work: list[ModelWork] = []
+        for cell in plan_cells(self.cfg):
+            if cell.seed is None:
+                continue
+            cfg = self.cfg.select_config(cell.method, cell.prune_rate, cell.seed, cell.token_keep)
+            work += get_method(cfg.method).requests(cfg, len(self.data.train))
+        return work
+
     # --- the loop ------------------------------------------------------------------------
 
     def run(self, plots: bool = True) -> BenchResult:
@@ -238,7 +252,7 @@ class BenchRunner:
 
         assert cell.seed is not None
         cfg = self.cfg.select_config(cell.method, cell.prune_rate, cell.seed, cell.token_keep)
-        selection, tokens = select_with_tokens(cfg, pool=self.pool)
+        selection, tokens = select_with_tokens(cfg, pool=self.pool, expect=self.expected_work)
         if (tokens is not None) != (cell.token_keep < 1):
             raise RuntimeError(f"cell {cell.name}: token masks do not match its token_keep")
         # Written before the cell's result: a cell JSON never points at a missing selection.

@@ -55,11 +55,11 @@ class StageEstimate:
 
 
 def planned_work(cfg: SelectConfig, n: int) -> list[Work]:
-    """The model work ``cfg.method`` will do on ``n`` samples, stage by stage (the method's
-    own :meth:`~speccore.selection.base.SelectionMethod.plan`, without its model-free steps)."""
+    """The model work ``cfg.method`` will do on ``n`` samples, stage by stage (its plan, derived
+    from the work it requests: :meth:`~speccore.selection.base.SelectionMethod.plan`)."""
     from ..selection import get_method
 
-    return [w for w in get_method(cfg.method).plan(cfg, n) if w.role != "none"]
+    return get_method(cfg.method).plan(cfg, n)
 
 
 def dry_run(cfg: SelectConfig, dataset: datasets.Dataset | None = None) -> dict[str, Any]:
@@ -133,9 +133,7 @@ def dry_run_selection(
 
 def _estimate(provider: ModelProvider, work: Work, loads: dict[str, float]) -> StageEstimate:
     """Load the stage's model (timed once per model), time a few batches, scale up."""
-    if work.role == "none":  # no model work (e.g. random's draw)
-        return StageEstimate(work.stage, "-", work.kind, 0, 0, 0, 0.0)
-    slot = provider.small if work.role == "small" else provider.target
+    slot = provider.slot(work.role)
     if work.role not in loads:
         t0 = time.perf_counter()
         _ = slot.data  # load + tokenise, as the run does
@@ -212,15 +210,12 @@ def _seconds_per_token(slot: ModelSlot, kind: str, probes: list[np.ndarray]) -> 
 
 
 def _step_function(kind: str) -> Callable[[Any, dict[str, torch.Tensor]], Any]:
+    """A fine-tune step, or one batch of any registered output (unknown: a clear error)."""
     if kind == "train":
         return _train_step
-    if kind == "embedding":
-        from ..scoring import embedding_batch
+    from ..scoring.outputs import batch_function
 
-        return embedding_batch
-    from ..scoring import SCORE_FUNCTIONS
-
-    return SCORE_FUNCTIONS[kind]
+    return batch_function(kind)
 
 
 def _train_step(model: Any, batch: dict[str, torch.Tensor]) -> None:

@@ -16,13 +16,13 @@ import os
 import platform
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..config import SelectConfig, coreset_size
 from ..data import Formatting, format_rows, load_rows, write_coreset
-from ..selection import Selection, get_method
+from ..selection import ModelWork, Selection, get_method
 from ..utils.errors import ConfigError, DataError
 from ..utils.io import atomic_open
 from .provider import ModelProvider
@@ -30,7 +30,7 @@ from .summary import describe, summary_text
 
 if TYPE_CHECKING:
     from ..models.pool import ModelPool
-    from ..tokens import TokenSelection
+    from .tokens import TokenSelection
 
 logger = logging.getLogger(__name__)
 
@@ -57,13 +57,18 @@ def select(config: SelectConfig | None = None, **settings: Any) -> Selection:
 
 
 def select_with_tokens(
-    config: SelectConfig | None = None, *, pool: ModelPool | None = None, **settings: Any
+    config: SelectConfig | None = None,
+    *,
+    pool: ModelPool | None = None,
+    expect: Collection[ModelWork] = (),
+    **settings: Any,
 ) -> tuple[Selection, TokenSelection | None]:
     """:func:`select`, also handing back the token masks when ``token_keep < 1`` (else ``None``).
 
     The bench fine-tunes on them without a run folder; :class:`Selection` stays what it
     serialises, so the masks travel beside it rather than on it. ``pool`` shares loaded models
-    between calls (a bench's cells).
+    between calls (a bench's cells); ``expect`` names work that later calls will ask of the
+    same cache (a bench's other methods), so a fine-tune keeps the snapshots they need.
     """
     cfg = config if config is not None else SelectConfig.from_dict(settings)
     start = time.perf_counter()
@@ -73,7 +78,11 @@ def select_with_tokens(
         from .dryrun import dry_run_selection
 
         return dry_run_selection(cfg, dataset, budget), None
-    with run_lock(cfg.out), ModelProvider(cfg, dataset, pool) as provider:
+    declared = get_method(cfg.method).requests(cfg, len(dataset))
+    with (
+        run_lock(cfg.out),
+        ModelProvider(cfg, dataset, pool, declared=declared, expect=expect) as provider,
+    ):
         check_chat_formats(cfg, provider)
         selection, tokens = _run(cfg, provider, budget)
         selection.timings["total"] = round(time.perf_counter() - start, 4)
@@ -89,7 +98,7 @@ def _run(
     selection.method = cfg.method
     tokens = None
     if cfg.token_keep < 1:
-        from ..tokens import select_tokens
+        from .tokens import select_tokens
 
         with provider.stage("token selection"):
             tokens = select_tokens(provider, selection, cfg)
@@ -97,7 +106,7 @@ def _run(
     selection.timings = {k: round(v, 4) for k, v in provider.timer.timings.items() if v >= 5e-4}
     selection.config = cfg.to_dict()
     selection.versions = versions()
-    selection.info["target_samples_scored"] = sum(v.n_asked for v in provider.verifications)
+    selection.info["target_samples_scored"] = provider.rows_scored.get("target", 0)
     selection.info["report"] = describe(
         selection, provider.dataset, cfg.output_field, cfg.group_field, provider.tokenized()
     )

@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,11 +26,12 @@ from ..config import SelectConfig, TrainSettings
 from ..data import Formatting, tokenize_dataset
 from ..data.batches import TokenizedData
 from ..models.pool import ModelPool
+from ..scoring.outputs import get_output
 from ..scoring.request import ScoringRequest
-from ..selection.base import StageTimer, Trajectories
+from ..selection.base import ModelWork, StageTimer
 from ..utils.cache import ScoreCache, cache_key, model_identity
-from ..utils.errors import ConfigError, DataError
-from ..utils.io import atomic_path, load_npz
+from ..utils.errors import ConfigError
+from ..utils.io import atomic_path
 
 if TYPE_CHECKING:
     import datasets
@@ -83,8 +84,10 @@ class ModelSlot:
         cache: ScoreCache,
         adapter_path: str | None = None,
         pool: ModelPool | None = None,
+        keep_snapshots: bool = False,
     ) -> None:
         self.role, self.name, self.cfg = role, name, cfg
+        self.keep_snapshots = keep_snapshots
         self.dataset, self.timer, self.cache = dataset, timer, cache
         self.adapter_path = adapter_path
         self.pool = pool if pool is not None else ModelPool()
@@ -269,9 +272,6 @@ class ModelSlot:
         """``score`` of the samples at ``indices``; only samples not cached are computed."""
         return self.scorer.some(score, indices, stage)
 
-    def embeddings(self, stage: str) -> np.ndarray:
-        return self.scorer.embeddings(stage)
-
     def request(
         self, score: str, key: str, indices: np.ndarray | None, checkpoint: Path | None
     ) -> ScoringRequest:
@@ -296,17 +296,18 @@ class ModelSlot:
             desc=f"{score} on {self.role}",
         )
 
-    # --- S2L: snapshots of the small fine-tune -----------------------------------------
+    # --- checkpoints: snapshots of the fine-tune -----------------------------------------
 
     def _snapshot_hook(
         self, folder: Path, data: TokenizedData, settings: TrainSettings
     ) -> Callable[[int], None] | None:
-        """The small model's full-data fine-tune saves its LoRA weights at the fixed inner grid
-        steps (:func:`~speccore.selection.s2l.snapshot_steps`) beside its cached adapter, whatever
-        the method: S2L after STAFF then needs no second fine-tune."""
-        if self.role != "small":
+        """Where some requested work reads this model's fine-tune at checkpoints, the fine-tune
+        saves its LoRA weights at every inner grid step
+        (:func:`~speccore.selection.checkpoints.snapshot_steps`) beside its cached adapter, so
+        that any number of checkpoints is served later without a second fine-tune."""
+        if not self.keep_snapshots:
             return None
-        from ..selection.s2l import snapshot_steps
+        from ..selection.checkpoints import snapshot_steps
         from ..train import plan_steps
 
         wanted = set(snapshot_steps(len(plan_steps(len(data), settings))))
@@ -403,11 +404,12 @@ class CachedScorer:
             checkpoint.unlink(missing_ok=True)
         return np.array([known[i] for i in indices.tolist()], dtype=np.float64)
 
-    def embeddings(self, stage: str) -> np.ndarray:
+    def vectors(self, output: str, stage: str) -> np.ndarray:
+        """A vector output (embeddings) of every sample, cached."""
         from ..scoring import embed_samples
 
         slot, cache = self.slot, self.slot.cache
-        key = self.key("embedding")
+        key = self.key(output)
         cached = cache.get_full(key) if cache.enabled else None
         if cached is not None:
             return cached
@@ -416,25 +418,11 @@ class CachedScorer:
                 slot.peft,
                 slot.data,
                 max_batch_tokens=slot.cfg.max_batch_tokens,
-                desc=f"embed {slot.role}",
+                desc=f"{output} on {slot.role}",
+                output=output,
             )
         cache.put_full(key, values)
         return values
-
-
-class TargetVerifier:
-    """The untuned target, scoring only the samples STAFF asks about; counts them."""
-
-    def __init__(self, slot: ModelSlot, score: str) -> None:
-        self.slot, self.score = slot, score
-        self.n_asked = 0
-
-    def __call__(self, indices: np.ndarray) -> np.ndarray:
-        self.n_asked += len(indices)
-        self.slot.use_fresh()
-        return self.slot.score_some(
-            self.score, np.asarray(indices, dtype=np.int64), "target verification"
-        )
 
 
 class ModelProvider:
@@ -445,9 +433,20 @@ class ModelProvider:
     """
 
     def __init__(
-        self, cfg: SelectConfig, dataset: datasets.Dataset, pool: ModelPool | None = None
+        self,
+        cfg: SelectConfig,
+        dataset: datasets.Dataset,
+        pool: ModelPool | None = None,
+        declared: Collection[ModelWork] | None = None,
+        expect: Collection[ModelWork] = (),
     ) -> None:
         self.config = cfg
+        # The work the run's method declared (None: any, as for a dry run); a method asking for
+        # other work is a bug. A fine-tune keeps snapshots only where some declared or expected
+        # work (a bench's later cells on the same cache) reads it at checkpoints.
+        self.declared = None if declared is None else frozenset(declared)
+        self.expected = frozenset(expect) | (self.declared or frozenset())
+        self.rows_scored: dict[str, int] = {}
         self.dataset = dataset
         self.n = len(dataset)
         self.timer = StageTimer()
@@ -455,7 +454,6 @@ class ModelProvider:
         self.pool = pool if pool is not None else ModelPool()
         self._small: ModelSlot | None = None
         self._target: ModelSlot | None = None
-        self.verifications: list[TargetVerifier] = []
         self._family_checked = False
 
     @contextlib.contextmanager
@@ -479,7 +477,6 @@ class ModelProvider:
             if not self.config.small:
                 raise ConfigError(f"--small is required for method {self.config.method!r}")
             self._small = self._slot("small", self._small_name(), self.config.small_adapter)
-        self._check_family()
         return self._small
 
     def _small_name(self) -> str:
@@ -509,53 +506,126 @@ class ModelProvider:
             if not self.config.target:
                 raise ConfigError(f"--target is required for method {self.config.method!r}")
             self._target = self._slot("target", self.config.target, None)
-        self._check_family()
         return self._target
 
     def _slot(self, role: str, name: str, adapter: str | None) -> ModelSlot:
+        snapshots = any(w.model == role and w.checkpoints > 1 for w in self.expected)
         return ModelSlot(
-            role, name, self.config, self.dataset, self.timer, self.cache, adapter, self.pool
+            role,
+            name,
+            self.config,
+            self.dataset,
+            self.timer,
+            self.cache,
+            adapter,
+            self.pool,
+            keep_snapshots=snapshots,
         )
 
     def _check_family(self) -> None:
-        if self._family_checked or self._small is None or self._target is None:
+        """Where the method works with both models, warn once if their tokenizers differ (both
+        load at its first request, so the warning comes before any long work)."""
+        if self._family_checked:
             return
+        roles = {w.model for w in self.declared or ()}
+        if roles != {"small", "target"} and (self._small is None or self._target is None):
+            return  # checked once both are in use
+        small, target = self.small, self.target
         from ..models import check_family
 
         self._family_checked = True
-        check_family(
-            self._small.loaded.tokenizer,
-            self._target.loaded.tokenizer,
-            self._small.name,
-            self._target.name,
-        )
+        check_family(small.loaded.tokenizer, target.loaded.tokenizer, small.name, target.name)
 
-    def small_scores(self, score: str) -> np.ndarray:
-        if self.config.scores:
-            return load_scores_file(self.config.scores, self.n)
-        slot = self.small
-        slot.use_tuned(self.config.small_epochs)
-        return slot.score_all(score, "small scoring")
+    def get(self, work: ModelWork, rows: np.ndarray | None = None) -> np.ndarray:
+        """Serve one request of the method's :class:`~speccore.selection.base.ModelWork`:
+        the model in the adapter state it names, its output through the cache."""
+        self._check_declared(work)
+        slot = self.slot(work.model)
+        self._check_family()
+        output = get_output(work.output)
+        if work.checkpoints > 1:
+            return self._at_checkpoints(slot, work)
+        self._use(slot, work.tuned)
+        if output.vector:
+            return slot.scorer.vectors(work.output, work.stage)
+        if work.some_rows:
+            if rows is None:
+                raise ValueError(f"{work} names its rows per call: pass rows")
+            self.rows_scored[work.model] = self.rows_scored.get(work.model, 0) + len(rows)
+            return slot.score_some(work.output, np.asarray(rows, dtype=np.int64), work.stage)
+        return slot.score_all(work.output, work.stage)
 
-    def verifier(self, score: str) -> TargetVerifier:
-        if self.config.small and self.config.target and not self.config.scores:
-            _ = self.small  # load both so the family check runs before verification
-        verifier = TargetVerifier(self.target, score)
-        self.verifications.append(verifier)
-        return verifier
+    def fine_tune_steps(self, model: str) -> int:
+        slot = self.slot(model)
+        return slot.fine_tune_steps(self._epochs(model))
 
-    def target_scores(self, score: str, tuned: bool) -> np.ndarray:
-        slot = self.target
+    def slot(self, model: str) -> ModelSlot:
+        """The small or the target model's slot."""
+        if model not in ("small", "target"):
+            raise ValueError(f"model must be 'small' or 'target', got {model!r}")
+        return self.small if model == "small" else self.target
+
+    def _epochs(self, model: str) -> float:
+        return self.config.small_epochs if model == "small" else self.config.target_epochs
+
+    def _use(self, slot: ModelSlot, tuned: bool) -> None:
         if tuned:
-            slot.use_tuned(self.config.target_epochs)
+            slot.use_tuned(self._epochs(slot.role))
+        elif slot.adapter_path is not None:
+            raise ConfigError(
+                f"the untuned {slot.role} model is not available with --small-adapter; leave "
+                "it out or ask for the tuned model"
+            )
         else:
             slot.use_fresh()
-        return slot.score_all(score, "target scoring")
 
-    def target_embeddings(self) -> np.ndarray:
-        slot = self.target
-        slot.use_tuned(self.config.target_epochs)
-        return slot.embeddings("target embeddings")
+    def _check_declared(self, work: ModelWork) -> None:
+        """A method asks only for the work it declared (its plan and the dry run rely on it)."""
+        if self.declared is not None and work not in self.declared:
+            raise RuntimeError(
+                f"method {self.config.method!r} asked for {work}, which its requests() does "
+                "not declare"
+            )
+
+    def _at_checkpoints(self, slot: ModelSlot, work: ModelWork) -> np.ndarray:
+        """``work.output`` of every sample at C evenly spaced checkpoints of the fine-tune
+        (:mod:`speccore.selection.checkpoints`): the untuned start, LoRA snapshots the fine-tune
+        saved, and the tuned adapter. Each column is a cached, resumable scoring pass; the
+        assembled [N, C] array is cached under the tuned adapter."""
+        from ..selection.checkpoints import checkpoint_steps
+
+        epochs = self._epochs(slot.role)
+        if slot.adapter_path is not None or epochs <= 0:
+            raise ConfigError(
+                f"checkpoints of the {slot.role} fine-tune need its own fine-tune: "
+                f"--{slot.role}-epochs > 0 and no --small-adapter"
+            )
+        slot.use_tuned(epochs)  # fine-tunes once, saving the snapshots, or loads the adapter
+        n_steps = slot.fine_tune_steps(epochs)
+        steps = checkpoint_steps(n_steps, work.checkpoints)
+        key = slot.key(
+            "checkpoints",
+            adapter=slot.adapter_fp(),
+            scorer=work.output,
+            extra=(steps, n_steps),
+        )
+        cached = self.cache.get_full(key) if self.cache.enabled else None
+        if cached is not None:
+            return cached
+        assert slot.tuned_adapter_dir is not None
+        snapshots = snapshot_folder(slot.tuned_adapter_dir)
+        inner = sorted({s for s in steps if 0 < s < n_steps})
+        if not all(snapshot_file(snapshots, s).exists() for s in inner):
+            slot.record_snapshots(epochs)
+        column = {n_steps: slot.score_all(work.output, work.stage)}
+        for s in inner:
+            slot.use_snapshot(snapshot_file(snapshots, s))
+            column[s] = slot.score_all(work.output, work.stage)
+        slot.use_fresh()  # the untuned start, checkpoint 0
+        column[0] = slot.score_all(work.output, work.stage)
+        values = np.column_stack([column[s] for s in steps])
+        self.cache.put_full(key, values)
+        return values
 
     @property
     def loaded_slots(self) -> list[ModelSlot]:
@@ -568,61 +638,6 @@ class ModelProvider:
             if slot.has_data:
                 return slot.data
         return None
-
-    # --- S2L and perplexity -------------------------------------------------------------
-
-    def small_model_scores(self, score: str, tuned: bool) -> np.ndarray:
-        """``score`` of every sample on the small model, after STAFF's small fine-tune (the
-        same cached adapter) or untuned (the pretrained model); never the ``--scores`` file."""
-        slot = self.small
-        if tuned:
-            slot.use_tuned(self.config.small_epochs)
-        elif slot.adapter_path is not None:
-            raise ConfigError(
-                "the untuned small model is not available with --small-adapter; leave it out "
-                "or score the tuned model"
-            )
-        else:
-            slot.use_fresh()
-        return slot.score_all(score, "small scoring")
-
-    def small_trajectories(self, checkpoints: int) -> Trajectories:
-        """The loss of every sample at C evenly spaced checkpoints of the small model's
-        fine-tune (see :mod:`speccore.selection.s2l`): the untuned start, LoRA snapshots the
-        fine-tune saved, and the tuned adapter. Each column is a cached, resumable "loss"
-        scoring pass; the assembled [N, C] array is cached under the tuned adapter."""
-        from ..selection.s2l import TRAJECTORY_STAGE, checkpoint_steps
-
-        epochs = self.config.small_epochs
-        slot = self.small
-        if slot.adapter_path is not None or epochs <= 0:
-            raise ConfigError(
-                "loss trajectories need the small model's own fine-tune: "
-                "--small-epochs > 0 and no --small-adapter"
-            )
-        slot.use_tuned(epochs)  # fine-tunes once, saving the snapshots, or loads the adapter
-        n_steps = slot.fine_tune_steps(epochs)
-        steps = checkpoint_steps(n_steps, checkpoints)
-        key = slot.key(
-            "trajectory", adapter=slot.adapter_fp(), scorer="trajectory", extra=(steps, n_steps)
-        )
-        cached = self.cache.get_full(key) if self.cache.enabled else None
-        if cached is not None:
-            return Trajectories(cached, steps, n_steps, epochs)
-        assert slot.tuned_adapter_dir is not None
-        snapshots = snapshot_folder(slot.tuned_adapter_dir)
-        inner = sorted({s for s in steps if 0 < s < n_steps})
-        if not all(snapshot_file(snapshots, s).exists() for s in inner):
-            slot.record_snapshots(epochs)
-        column = {n_steps: slot.score_all("loss", TRAJECTORY_STAGE)}
-        for s in inner:
-            slot.use_snapshot(snapshot_file(snapshots, s))
-            column[s] = slot.score_all("loss", TRAJECTORY_STAGE)
-        slot.use_fresh()  # the untuned start, checkpoint 0
-        column[0] = slot.score_all("loss", TRAJECTORY_STAGE)
-        losses = np.column_stack([column[s] for s in steps])
-        self.cache.put_full(key, losses)
-        return Trajectories(losses, steps, n_steps, epochs)
 
 
 def snapshot_folder(adapter_folder: Path) -> Path:
@@ -653,37 +668,3 @@ def _device_type(model: Any) -> str:
         return next(model.parameters()).device.type
     except (StopIteration, AttributeError):
         return "cpu"
-
-
-def load_scores_file(path: str, n: int) -> np.ndarray:
-    """Precomputed speculative scores: ``.npy``, ``.npz`` (first array or ``scores``) or a JSON
-    list, of one dimension. Never unpickled."""
-    import json
-
-    p = Path(path)
-    if not p.exists():
-        raise DataError(f"--scores: file not found: {path}")
-    try:
-        if p.suffix == ".npy":
-            values = np.load(p, allow_pickle=False)
-        elif p.suffix == ".npz":
-            arrays = load_npz(p)
-            values = arrays.get("scores", next(iter(arrays.values())))
-        else:
-            values = np.asarray(json.loads(p.read_text(encoding="utf-8")), dtype=np.float64)
-    except (ValueError, json.JSONDecodeError, StopIteration) as err:
-        raise DataError(f"--scores: cannot read {path}: {err}") from None
-    values = np.asarray(values, dtype=np.float64)
-    if values.ndim != 1:
-        raise DataError(
-            f"--scores: {path} holds an array of shape {values.shape}; expected one score per "
-            "row (one dimension)"
-        )
-    if len(values) != n:
-        raise DataError(f"--scores: {path} holds {len(values)} scores but the data has {n} rows")
-    bad = np.flatnonzero(~np.isfinite(values))
-    if len(bad):
-        raise DataError(
-            f"--scores: score of row {int(bad[0])} is {values[bad[0]]}; scores must be finite"
-        )
-    return values

@@ -41,6 +41,7 @@ from torch.utils.hooks import RemovableHandle
 from ..data.batches import IGNORE_INDEX
 from ..utils.errors import ModelError
 from .losses import eval_mode, forward, kept_positions, response_loss, token_losses
+from .outputs import register_output
 
 _NO_LORA = (
     "effort needs a model with active LoRA adapters: wrap it with peft.get_peft_model "
@@ -48,6 +49,9 @@ _NO_LORA = (
 )
 
 
+@register_output(
+    "effort", version=2, description="L2 norm of the loss gradient w.r.t. the LoRA parameters"
+)  # 2: float32 accumulation of the per-sample gradient norms
 def effort_batch(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
     """Per-sample effort ``||grad_phi L_d||_2`` (phi = the active LoRA A and B weights), ``[B]``.
 

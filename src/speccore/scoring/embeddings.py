@@ -9,8 +9,15 @@ from torch import Tensor, nn
 from ..data.batches import IGNORE_INDEX
 from . import losses
 from .losses import accepts_logits_to_keep, as_output, eval_mode, forward
+from .outputs import register_output
 
 
+@register_output(
+    "embedding",
+    version=1,
+    vector=True,
+    description="mean last hidden state over the response, L2-normalised",
+)
 def embedding_batch(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
     """Mean of the last hidden states over response positions, L2-normalised, ``[B, H]`` float32.
 

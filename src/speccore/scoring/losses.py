@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..data.batches import IGNORE_INDEX
+from .outputs import register_output
 
 #: Compute logits only over the response window (see :func:`response_logits`). Set to False to
 #: get logits at every position everywhere (tests that compare both paths, benchmarks, or a model
@@ -237,6 +238,9 @@ def response_loss(
     return ResponseLoss(tokens, mask, batch["labels"].shape[-1] - labels.shape[-1])
 
 
+@register_output(
+    "loss", version=2, description="mean token loss over the response"
+)  # 2: one response-window loss for training, scoring and token scores
 def loss_batch(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
     """Per-sample mean loss over response tokens, float64 on the CPU, shape ``[B]``."""
     with torch.inference_mode(), eval_mode(model):
@@ -244,6 +248,9 @@ def loss_batch(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
     return as_output(losses)
 
 
+@register_output(
+    "el2n", version=2, description="mean L2 norm of softmax minus one-hot over the response"
+)
 def el2n_batch(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
     """Per-sample EL2N: mean over response tokens of ``||softmax(z_t) - onehot(y_t)||_2``.
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -26,19 +25,13 @@ from ..data.batches import (
 from ..utils import interrupt
 from ..utils.errors import ConfigError, ScoringError
 from ..utils.io import fingerprint, load_npz, save_npz
-from .effort import effort_batch
-from .embeddings import embedding_batch
-from .losses import el2n_batch, eval_mode, loss_batch, model_device
+from . import effort, embeddings  # noqa: F401  (register their outputs)
+from .losses import eval_mode, model_device
+from .outputs import SCORE_FUNCTIONS, BatchFunction, batch_function, get_output
 
 logger = logging.getLogger(__name__)
 
-ScoreFunction = Callable[[nn.Module, dict[str, Tensor]], Tensor]
-
-SCORE_FUNCTIONS: dict[str, ScoreFunction] = {
-    "effort": effort_batch,
-    "loss": loss_batch,
-    "el2n": el2n_batch,
-}
+ScoreFunction = BatchFunction
 
 #: Default of ``checkpoint_seconds``: a hard stop (SIGKILL, power loss) loses at most this much.
 CHECKPOINT_SECONDS = 30.0
@@ -118,11 +111,14 @@ def embed_samples(
     max_batch_size: int | None = None,
     device: torch.device | str | None = None,
     desc: str = "embedding",
+    output: str = "embedding",
 ) -> np.ndarray:
-    """Response-token mean embeddings (see :func:`embedding_batch`), ``[n, H]`` float32.
+    """A vector ``output`` of every sample (default: response-token mean embeddings, see
+    :func:`~speccore.scoring.embeddings.embedding_batch`), ``[n, D]`` float32.
 
     Rows are aligned with ``indices`` (or with ``data``); batching as in :func:`score_samples`.
     """
+    fn = batch_function(output)
     idx = _check_args(data, indices, max_batch_tokens, max_batch_size)
     plan = _plan(data, idx, max_batch_tokens, max_batch_size)
     hidden = int(getattr(getattr(model, "config", None), "hidden_size", 0) or 0)
@@ -130,7 +126,7 @@ def embed_samples(
     dev = model_device(model) if device is None else device
     with eval_mode(model), BatchLoop(data, plan, indices=idx, device=dev, desc=desc) as loop:
         for batch in loop:
-            values = embedding_batch(model, batch.tensors).float().numpy()
+            values = fn(model, batch.tensors).float().cpu().numpy()
             bad = ~np.isfinite(values).all(axis=1)
             if bad.any():
                 raise ScoringError(
@@ -144,12 +140,10 @@ def embed_samples(
 
 
 def _score_function(score: str) -> ScoreFunction:
-    try:
-        return SCORE_FUNCTIONS[score]
-    except KeyError:
-        raise ConfigError(
-            f"unknown score {score!r}; valid scores: {', '.join(sorted(SCORE_FUNCTIONS))}"
-        ) from None
+    if score not in SCORE_FUNCTIONS:
+        get_output(score)  # an unknown name: the error lists the valid ones
+        raise ConfigError(f"{score!r} is a vector output; score_samples takes scalar outputs")
+    return SCORE_FUNCTIONS[score]
 
 
 def _check_args(

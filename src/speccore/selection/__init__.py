@@ -3,22 +3,22 @@
 # Importing the method modules fills the registry.
 from . import ccs, d2, perplexity, random, s2l, score_based, staff, target_only  # noqa: F401
 from .base import (
+    ModelWork,
     ScoreProvider,
     Selection,
     SelectionMethod,
     StageTimer,
-    Verifier,
     get_method,
     method_names,
     register_method,
 )
 
 __all__ = [
+    "ModelWork",
     "ScoreProvider",
     "Selection",
     "SelectionMethod",
     "StageTimer",
-    "Verifier",
     "get_method",
     "method_names",
     "register_method",

@@ -36,14 +36,6 @@ if TYPE_CHECKING:
     import datasets
 
 
-class Verifier(Protocol):
-    """The untuned target model, called only on the samples STAFF verifies."""
-
-    def __call__(self, indices: np.ndarray) -> np.ndarray:
-        """Target-model scores of the samples at ``indices`` (same order)."""
-        ...
-
-
 class RunConfig(Protocol):
     """The part of :class:`~speccore.config.SelectConfig` a method reads (settings every method
     shares, and its own settings through :meth:`settings_for`)."""
@@ -60,8 +52,39 @@ class RunConfig(Protocol):
         ...
 
 
+@dataclass(frozen=True)
+class ModelWork:
+    """One kind of model work a method asks for, as lm-evaluation-harness's tasks ask for
+    ``loglikelihood`` or ``generate_until``: which model, which adapter state, which output.
+
+    ``output`` is a registered output (:mod:`speccore.scoring.outputs`: "effort", "loss",
+    "el2n", "embedding", ...). ``tuned``: after the model's LoRA fine-tune on all rows
+    (``--small-epochs`` / ``--target-epochs``; a ``--small-adapter`` is the small model's tuned
+    state), else the pretrained model (a fresh LoRA, B = 0). ``some_rows``: the method names the
+    rows per call (STAFF's verification), and ``planned_rows`` says how many it will ask for in
+    all (for the dry run). ``checkpoints`` > 1: the output at that many evenly spaced points of
+    the fine-tune, its untuned start and its end included, one column each (S2L's loss
+    trajectories). ``stage`` names the stage its time is reported under.
+    """
+
+    model: Literal["small", "target"]
+    output: str
+    tuned: bool = False
+    some_rows: bool = False
+    checkpoints: int = 1
+    stage: str = ""
+    planned_rows: int | None = field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        if not self.stage:
+            object.__setattr__(self, "stage", f"{self.model} scoring")
+        if self.checkpoints > 1 and not (self.tuned and not self.some_rows):
+            raise ValueError("checkpoints > 1 needs tuned=True on all rows")
+
+
 class ScoreProvider(Protocol):
-    """What a method may ask for. Every call is cached: asking twice costs nothing."""
+    """What a method may ask of the models: its declared :class:`ModelWork`, served and cached
+    (asking twice costs nothing). A test passes plain arrays instead."""
 
     n: int
 
@@ -70,51 +93,18 @@ class ScoreProvider(Protocol):
         """The run's settings."""
         ...
 
-    def small_scores(self, score: str) -> np.ndarray:
-        """Speculative ``score`` of every sample on the task-tuned small model."""
+    def get(self, work: ModelWork, rows: np.ndarray | None = None) -> np.ndarray:
+        """``work``'s output: ``[N]`` scores, ``[N, D]`` vectors or ``[N, C]`` checkpoints, or
+        for ``some_rows`` work the rows at ``rows`` (same order)."""
         ...
 
-    def verifier(self, score: str) -> Verifier:
-        """``score`` of given samples on the untuned target (fresh LoRA)."""
-        ...
-
-    def target_scores(self, score: str, tuned: bool) -> np.ndarray:
-        """``score`` of every sample on the target, LoRA-tuned on the full data or not."""
-        ...
-
-    def small_model_scores(self, score: str, tuned: bool) -> np.ndarray:
-        """``score`` of every sample on the small model, tuned (STAFF's small fine-tune) or not
-        (the pretrained model); never the ``--scores`` file."""
-        ...
-
-    def small_trajectories(self, checkpoints: int) -> Trajectories:
-        """The loss of every sample at ``checkpoints`` evenly spaced points of STAFF's small
-        fine-tune, the untuned start and the end included (S2L)."""
-        ...
-
-    def target_embeddings(self) -> np.ndarray:
-        """Mean last-layer hidden state over response tokens, tuned target, L2-normalised."""
+    def fine_tune_steps(self, model: str) -> int:
+        """Optimizer steps of ``model``'s fine-tune on all rows (where ``checkpoints`` lie)."""
         ...
 
     def stage(self, name: str) -> contextlib.AbstractContextManager[None]:
         """Time a stage; the time lands in the Selection's ``timings``."""
         ...
-
-
-@dataclass
-class Trajectories:
-    """Per-sample losses at checkpoints of one small-model fine-tune (S2L's training
-    trajectories). Column c was computed under the adapter after ``steps[c]`` optimizer steps
-    of ``n_steps`` (0: the untuned start; ``n_steps``: the tuned adapter)."""
-
-    losses: np.ndarray  # [N, C] float64
-    steps: list[int]
-    n_steps: int
-    epochs: float  # T, the fine-tune's epochs: checkpoint c lies at steps[c] / n_steps · T
-
-    @property
-    def checkpoint_epochs(self) -> list[float]:
-        return [self.epochs * s / self.n_steps if self.n_steps else 0.0 for s in self.steps]
 
 
 @dataclass
@@ -224,15 +214,15 @@ class Work:
     """One stage of model work a method will do (its dry-run plan is a list of these)."""
 
     stage: str
-    role: Literal["small", "target", "none"]  # "none": no model work
-    kind: str  # "train" | "embedding" | a score name
+    role: Literal["small", "target"]
+    kind: str  # "train" or a registered output
     epochs: float = 0.0
     samples: int | None = None  # None: every sample; else a count (target verification)
 
 
 class SelectionMethod(ABC):
     """One coreset method. Subclasses set the class attributes and implement :meth:`select`
-    and :meth:`plan`, then register with :func:`register_method`."""
+    and :meth:`requests`, then register with :func:`register_method`."""
 
     name: ClassVar[str]
     description: ClassVar[str] = ""
@@ -251,8 +241,33 @@ class SelectionMethod(ABC):
         """Pick ``budget`` samples (or fewer, where the method allows) out of ``provider.n``."""
 
     @abstractmethod
+    def requests(self, config: RunConfig, n: int) -> list[ModelWork]:
+        """Every :class:`ModelWork` :meth:`select` asks for under ``config``, no more, no less
+        (the contract test runs :meth:`select` on a recording provider and compares)."""
+
     def plan(self, config: RunConfig, n: int) -> list[Work]:
-        """The model work :meth:`select` will do on ``n`` samples (the dry run times it)."""
+        """The model work :meth:`select` will do on ``n`` samples, stage by stage (what the dry
+        run times), derived from :meth:`requests`: each model's fine-tune once, before the first
+        request of its tuned state, then each request."""
+        return plan_of(self.requests(config, n), config, n)
+
+
+def plan_of(requests: list[ModelWork], config: RunConfig, n: int) -> list[Work]:
+    """Stages of model work for ``requests`` (see :meth:`SelectionMethod.plan`)."""
+    work: list[Work] = []
+    tuned: set[str] = set()
+    for r in requests:
+        if r.tuned and r.model not in tuned:
+            tuned.add(r.model)
+            epochs = config.small_epochs if r.model == "small" else config.target_epochs
+            user_adapter = r.model == "small" and bool(config.small_adapter)
+            if epochs > 0 and not user_adapter:
+                work.append(Work(f"{r.model} fine-tune", r.model, "train", epochs=epochs))
+        rows = r.planned_rows if r.some_rows else None
+        if r.checkpoints > 1:  # one pass over the data per checkpoint
+            rows = r.checkpoints * n
+        work.append(Work(r.stage, r.model, r.output, samples=rows))
+    return work
 
 
 _REGISTRY: dict[str, type[SelectionMethod]] = {}

@@ -33,16 +33,16 @@ import numpy as np
 from ..utils.errors import ConfigError
 from .base import (
     MethodSettings,
+    ModelWork,
     RunConfig,
     ScoreProvider,
     Selection,
     SelectionMethod,
-    Work,
     register_method,
     rng_for,
 )
 from .regions import equal_width_regions, region_members
-from .score_based import TARGET_STAGE, check_budget, check_scores
+from .score_based import TARGET_STAGE, check_budget, check_scores, tuned_target
 
 logger = logging.getLogger(__name__)
 
@@ -187,17 +187,6 @@ class CcsSettings(MethodSettings):
             raise ConfigError(f"--regions (K) must be >= 1, got {self.regions}")
 
 
-def tuned_target_plan(config: RunConfig, score: str, embeddings: bool = False) -> list[Work]:
-    """The baselines' model work: fine-tune the target on all data, score every sample."""
-    work = [
-        Work("target fine-tune", "target", "train", epochs=config.target_epochs),
-        Work("target scoring", "target", score),
-    ]
-    if embeddings:
-        work.append(Work("tuned-target embeddings", "target", "embedding"))
-    return work
-
-
 @register_method
 class CCS(SelectionMethod):
     """Coverage-centric coreset selection over EL2N on the fully tuned target."""
@@ -208,13 +197,13 @@ class CCS(SelectionMethod):
     settings_class = CcsSettings
     needs = ("target",)
 
-    def plan(self, config: RunConfig, n: int) -> list[Work]:
-        return tuned_target_plan(config, "el2n")
+    def requests(self, config: RunConfig, n: int) -> list[ModelWork]:
+        return [tuned_target("el2n")]
 
     def select(self, provider: ScoreProvider, budget: int, seed: int) -> Selection:
         cfg = self.settings(provider.config)
         with provider.stage(TARGET_STAGE):
-            scores = check_scores(provider.target_scores("el2n", tuned=True))
+            scores = check_scores(provider.get(tuned_target("el2n")))
         with provider.stage("selection"):
             indices, info = ccs_select(
                 scores,

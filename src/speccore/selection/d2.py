@@ -39,15 +39,15 @@ import scipy.sparse as sp
 from ..utils.errors import ConfigError
 from .base import (
     MethodSettings,
+    ModelWork,
     RunConfig,
     ScoreProvider,
     Selection,
     SelectionMethod,
-    Work,
     register_method,
 )
-from .ccs import ccs_strata, stratum_budgets, stratum_table, tuned_target_plan
-from .score_based import TARGET_STAGE, check_budget, check_scores
+from .ccs import ccs_strata, stratum_budgets, stratum_table
+from .score_based import TARGET_STAGE, check_budget, check_scores, tuned_target
 
 logger = logging.getLogger(__name__)
 
@@ -296,14 +296,14 @@ class D2(SelectionMethod):
     settings_class = D2Settings
     needs = ("target",)
 
-    def plan(self, config: RunConfig, n: int) -> list[Work]:
-        return tuned_target_plan(config, "el2n", embeddings=True)
+    def requests(self, config: RunConfig, n: int) -> list[ModelWork]:
+        return [tuned_target("el2n"), tuned_target("embedding")]
 
     def select(self, provider: ScoreProvider, budget: int, seed: int) -> Selection:
         cfg = self.settings(provider.config)
         with provider.stage(TARGET_STAGE):
-            scores = check_scores(provider.target_scores("el2n", tuned=True))
-            features = provider.target_embeddings()
+            scores = check_scores(provider.get(tuned_target("el2n")))
+            features = provider.get(tuned_target("embedding"))
         k, gamma_f, gamma_r = cfg.d2_k, cfg.d2_gamma_f, cfg.d2_gamma_r
         with provider.stage("selection"):
             if cfg.d2_strata is None:

@@ -33,11 +33,11 @@ import numpy as np
 
 from .base import (
     MethodSettings,
+    ModelWork,
     RunConfig,
     ScoreProvider,
     Selection,
     SelectionMethod,
-    Work,
     register_method,
 )
 from .score_based import check_budget, check_scores
@@ -83,20 +83,14 @@ class Perplexity(SelectionMethod):
     settings_class = PerplexitySettings
     needs = ("small",)
 
-    def plan(self, config: RunConfig, n: int) -> list[Work]:
-        settings: PerplexitySettings = self.settings(config)
-        work: list[Work] = []
-        tuned = settings.perplexity_model == "tuned"
-        if tuned and not config.small_adapter and config.small_epochs > 0:
-            work.append(Work("small fine-tune", "small", "train", epochs=config.small_epochs))
-        work.append(Work("small scoring", "small", "loss"))
-        return work
+    def requests(self, config: RunConfig, n: int) -> list[ModelWork]:
+        tuned = self.settings(config).perplexity_model == "tuned"
+        return [ModelWork("small", "loss", tuned=tuned)]
 
     def select(self, provider: ScoreProvider, budget: int, seed: int) -> Selection:
         settings: PerplexitySettings = self.settings(provider.config)
-        tuned = settings.perplexity_model == "tuned"
         with provider.stage("small setup"):
-            loss = check_scores(provider.small_model_scores("loss", tuned=tuned))
+            loss = check_scores(provider.get(self.requests(provider.config, provider.n)[0]))
         with provider.stage("selection"):
             indices = band_indices(loss, budget, settings.band)
             start = band_start(provider.n, budget, settings.band)

@@ -12,11 +12,11 @@ import logging
 import numpy as np
 
 from .base import (
+    ModelWork,
     RunConfig,
     ScoreProvider,
     Selection,
     SelectionMethod,
-    Work,
     register_method,
     rng_for,
 )
@@ -41,8 +41,8 @@ class Random(SelectionMethod):
     description = "m samples uniformly at random"
     random_draws = True
 
-    def plan(self, config: RunConfig, n: int) -> list[Work]:
-        return [Work("selection", "none", "draw")]
+    def requests(self, config: RunConfig, n: int) -> list[ModelWork]:
+        return []
 
     def select(self, provider: ScoreProvider, budget: int, seed: int) -> Selection:
         with provider.stage("selection"):

@@ -5,7 +5,7 @@ Trajectories of Small Models", NeurIPS 2024), Algorithm 1.
 Inputs: data D of N samples with their training trajectories on a small model, budget
 m = ⌊N·(1−p)⌋, K clusters.
 
-1. Trajectories (the provider computes them, :meth:`ScoreProvider.small_trajectories`): the loss
+1. Trajectories (asked of the provider as ``ModelWork("small", "loss", tuned=True, checkpoints=C)``): the loss
    of every sample under the small model at C checkpoints of its fine-tune, a vector of length C
    per sample. The loss is speccore's "loss" score, the mean cross-entropy over the response
    tokens, as the authors' ``get_trajectories.py`` takes the model's mean token loss.
@@ -63,15 +63,16 @@ import numpy as np
 from ..utils.errors import ConfigError, ScoringError
 from .base import (
     MethodSettings,
+    ModelWork,
     RunConfig,
     ScoreProvider,
     Selection,
     SelectionMethod,
-    Work,
     register_method,
     rng_for,
 )
 from .ccs import stratified_budget_loop, stratum_budgets
+from .checkpoints import SNAPSHOT_GRID, check_checkpoints, checkpoint_steps
 from .score_based import check_budget
 
 logger = logging.getLogger(__name__)
@@ -79,46 +80,7 @@ logger = logging.getLogger(__name__)
 S2L_SALT = "s2l"
 KMEANS_SALT = "s2l-kmeans"
 KMEANS_N_INIT = 10
-#: The small fine-tune keeps LoRA snapshots at j/SNAPSHOT_GRID of its steps, j = 1..GRID−1.
-SNAPSHOT_GRID = 12
 TRAJECTORY_STAGE = "small trajectories"
-
-
-# --- checkpoints on the snapshot grid ---------------------------------------------------------
-
-
-def checkpoint_grid(checkpoints: int) -> list[int]:
-    """Grid points (0..SNAPSHOT_GRID) of C evenly spaced checkpoints, both ends included:
-    round(c·G/(C−1)), halves rounded up, computed in integers."""
-    check_checkpoints(checkpoints)
-    gaps = checkpoints - 1
-    return [(2 * c * SNAPSHOT_GRID + gaps) // (2 * gaps) for c in range(checkpoints)]
-
-
-def grid_step(point: int, n_steps: int) -> int:
-    """The optimizer step of grid point ``point`` in a fine-tune of ``n_steps`` steps:
-    round(point·n_steps/G), halves rounded up."""
-    return (2 * point * n_steps + SNAPSHOT_GRID) // (2 * SNAPSHOT_GRID)
-
-
-def checkpoint_steps(n_steps: int, checkpoints: int) -> list[int]:
-    """The optimizer steps of C evenly spaced checkpoints (0: untuned; ``n_steps``: tuned)."""
-    return [grid_step(j, n_steps) for j in checkpoint_grid(checkpoints)]
-
-
-def snapshot_steps(n_steps: int) -> list[int]:
-    """The steps at which the small fine-tune saves a LoRA snapshot: every inner grid point
-    (the ends are the fresh and the tuned adapter, which need no snapshot)."""
-    steps = {grid_step(j, n_steps) for j in range(1, SNAPSHOT_GRID)}
-    return sorted(s for s in steps if 0 < s < n_steps)
-
-
-def check_checkpoints(checkpoints: int) -> None:
-    if not 2 <= checkpoints <= SNAPSHOT_GRID + 1:
-        raise ConfigError(
-            f"--s2l-checkpoints must be in [2, {SNAPSHOT_GRID + 1}] (the untuned start, the "
-            f"tuned end and points between them on a grid of {SNAPSHOT_GRID}), got {checkpoints}"
-        )
 
 
 # --- Algorithm 1 ------------------------------------------------------------------------------
@@ -234,7 +196,10 @@ class S2LSettings(MethodSettings):
 
     def validate(self) -> None:
         super().validate()
-        check_checkpoints(self.s2l_checkpoints)
+        try:
+            check_checkpoints(self.s2l_checkpoints)
+        except ConfigError as err:
+            raise ConfigError(f"--s2l-{err}") from None
         if self.s2l_clusters < 1:
             raise ConfigError(f"--s2l-clusters must be >= 1, got {self.s2l_clusters}")
 
@@ -250,6 +215,27 @@ def check_small_fine_tune(config: RunConfig) -> None:
         raise ConfigError(f"s2l needs --small-epochs > 0, got {config.small_epochs}")
 
 
+def trajectories(checkpoints: int) -> ModelWork:
+    """The loss of every sample at C evenly spaced checkpoints of the small fine-tune."""
+    return ModelWork("small", "loss", tuned=True, checkpoints=checkpoints, stage=TRAJECTORY_STAGE)
+
+
+@dataclass
+class Trajectories:
+    """Per-sample losses at checkpoints of one small-model fine-tune. Column c was computed
+    under the adapter after ``steps[c]`` optimizer steps of ``n_steps`` (0: the untuned start;
+    ``n_steps``: the tuned adapter)."""
+
+    losses: np.ndarray  # [N, C] float64
+    steps: list[int]
+    n_steps: int
+    epochs: float  # T, the fine-tune's epochs: checkpoint c lies at steps[c] / n_steps · T
+
+    @property
+    def checkpoint_epochs(self) -> list[float]:
+        return [self.epochs * s / self.n_steps if self.n_steps else 0.0 for s in self.steps]
+
+
 @register_method
 class S2L(SelectionMethod):
     """Balanced sampling over k-means clusters of small-model loss trajectories."""
@@ -260,21 +246,21 @@ class S2L(SelectionMethod):
     needs = ("small",)
     random_draws = True
 
-    def plan(self, config: RunConfig, n: int) -> list[Work]:
-        settings: S2LSettings = self.settings(config)
-        passes = settings.s2l_checkpoints
-        return [
-            Work("small fine-tune", "small", "train", epochs=config.small_epochs),
-            # C loss passes over the data, one row: ``samples`` counts C·N sample passes.
-            Work(TRAJECTORY_STAGE, "small", "loss", samples=passes * n),
-            Work("selection", "none", "k-means"),
-        ]
+    def requests(self, config: RunConfig, n: int) -> list[ModelWork]:
+        return [trajectories(self.settings(config).s2l_checkpoints)]
 
     def select(self, provider: ScoreProvider, budget: int, seed: int) -> Selection:
         settings: S2LSettings = self.settings(provider.config)
         check_small_fine_tune(provider.config)
         with provider.stage("small setup"):
-            traj = provider.small_trajectories(settings.s2l_checkpoints)
+            losses = provider.get(trajectories(settings.s2l_checkpoints))
+            n_steps = provider.fine_tune_steps("small")
+        traj = Trajectories(
+            losses,
+            checkpoint_steps(n_steps, settings.s2l_checkpoints),
+            n_steps,
+            provider.config.small_epochs,
+        )
         with provider.stage("selection"):
             indices, info = s2l_select(
                 traj.losses, budget, clusters=settings.s2l_clusters, seed=seed

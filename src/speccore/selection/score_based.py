@@ -18,7 +18,7 @@ import logging
 import numpy as np
 
 from ..utils.errors import ScoringError
-from .base import RunConfig, ScoreProvider, Selection, SelectionMethod, Work, register_method
+from .base import ModelWork, RunConfig, ScoreProvider, Selection, SelectionMethod, register_method
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +45,13 @@ def check_scores(scores: np.ndarray) -> np.ndarray:
     return scores
 
 
+def tuned_target(output: str) -> ModelWork:
+    """The baselines' model work: ``output`` of every sample on the target fine-tuned on all
+    data (the expensive step STAFF avoids)."""
+    stage = "target embeddings" if output == "embedding" else "target scoring"
+    return ModelWork("target", output, tuned=True, stage=stage)
+
+
 def rank_descending(scores: np.ndarray) -> np.ndarray:
     """Sample indices from the highest score to the lowest; ties: lower index first."""
     # A stable sort of −score keeps equal scores in index order.
@@ -64,14 +71,12 @@ class _TopByTargetScore(SelectionMethod):
     score: str
     needs = ("target",)
 
-    def plan(self, config: RunConfig, n: int) -> list[Work]:
-        from .ccs import tuned_target_plan
-
-        return tuned_target_plan(config, self.score)
+    def requests(self, config: RunConfig, n: int) -> list[ModelWork]:
+        return [tuned_target(self.score)]
 
     def select(self, provider: ScoreProvider, budget: int, seed: int) -> Selection:
         with provider.stage(TARGET_STAGE):
-            scores = check_scores(provider.target_scores(self.score, tuned=True))
+            scores = check_scores(provider.get(tuned_target(self.score)))
         with provider.stage("selection"):
             indices = top_m(scores, budget)
         threshold = float(scores[indices[-1]]) if len(indices) else None

@@ -88,17 +88,18 @@ import numpy as np
 from ..utils.errors import ConfigError
 from .base import (
     MethodSettings,
+    ModelWork,
     RunConfig,
     Score,
     ScoreProvider,
     Selection,
     SelectionMethod,
-    Work,
     register_method,
     rng_for,
 )
 from .regions import equal_width_regions, region_members
 from .score_based import check_budget, check_scores
+from .scores_file import load_scores_file
 
 logger = logging.getLogger(__name__)
 
@@ -438,6 +439,13 @@ class StaffSettings(MethodSettings):
             )
 
 
+def verification(score: str, planned_rows: int | None = None) -> ModelWork:
+    """The untuned target's ``score`` of the samples STAFF verifies (a fresh LoRA)."""
+    return ModelWork(
+        "target", score, some_rows=True, stage="target verification", planned_rows=planned_rows
+    )
+
+
 @register_method
 class Staff(SelectionMethod):
     """STAFF (and its no-verification ablation with ``verification=False``)."""
@@ -452,18 +460,29 @@ class Staff(SelectionMethod):
     def verifies(self, settings: StaffSettings) -> bool:
         return settings.verification and self.verification
 
+    def requests(self, config: RunConfig, n: int) -> list[ModelWork]:
+        settings: StaffSettings = self.settings(config)
+        work = [] if config.scores else [ModelWork("small", settings.score, tuned=True)]
+        if self.verifies(settings):
+            verified = min(n, settings.regions * settings.verify_per_region)
+            work.append(verification(settings.score, verified))
+        return work
+
     def select(self, provider: ScoreProvider, budget: int, seed: int) -> Selection:
         cfg = provider.config
         settings: StaffSettings = self.settings(cfg)
         with provider.stage("small setup"):
-            scores = provider.small_scores(settings.score)
+            if cfg.scores:  # the user's speculative scores stand in for the small model's
+                scores = load_scores_file(cfg.scores, provider.n)
+            else:
+                scores = provider.get(ModelWork("small", settings.score, tuned=True))
         verify: VerifyFn | None = None
         if self.verifies(settings):
-            verifier = provider.verifier(settings.score)
+            work = verification(settings.score)
 
             def verify(indices: np.ndarray) -> np.ndarray:
                 with provider.stage("target verification"):
-                    return verifier(indices)
+                    return provider.get(work, np.asarray(indices, dtype=np.int64))
 
         common: dict[str, Any] = {
             "regions": settings.regions,
@@ -476,18 +495,6 @@ class Staff(SelectionMethod):
         if settings.allocation == "reference":
             return staff_reference_select(scores, budget, prune_rate=cfg.prune_rate, **common)
         return staff_select(scores, budget, **common)
-
-    def plan(self, config: RunConfig, n: int) -> list[Work]:
-        settings: StaffSettings = self.settings(config)
-        work: list[Work] = []
-        if not config.scores:
-            if not config.small_adapter and config.small_epochs > 0:
-                work.append(Work("small fine-tune", "small", "train", epochs=config.small_epochs))
-            work.append(Work("small scoring", "small", settings.score))
-        if self.verifies(settings):
-            verified = min(n, settings.regions * settings.verify_per_region)
-            work.append(Work("target verification", "target", settings.score, samples=verified))
-        return work
 
 
 @register_method

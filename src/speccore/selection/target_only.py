@@ -18,12 +18,12 @@ from dataclasses import dataclass, field
 from ..utils.errors import ConfigError
 from .base import (
     MethodSettings,
+    ModelWork,
     RunConfig,
     Score,
     ScoreProvider,
     Selection,
     SelectionMethod,
-    Work,
     register_method,
     rng_for,
 )
@@ -61,14 +61,13 @@ class StaffTargetOnly(SelectionMethod):
     settings_class = TargetOnlySettings
     needs = ("target",)
 
-    def plan(self, config: RunConfig, n: int) -> list[Work]:
-        score = self.settings(config).score
-        return [Work("untuned-target scoring", "target", score)]
+    def requests(self, config: RunConfig, n: int) -> list[ModelWork]:
+        return [ModelWork("target", self.settings(config).score)]
 
     def select(self, provider: ScoreProvider, budget: int, seed: int) -> Selection:
         cfg = self.settings(provider.config)
         with provider.stage("target setup"):
-            scores = check_scores(provider.target_scores(cfg.score, tuned=False))
+            scores = check_scores(provider.get(ModelWork("target", cfg.score)))
         with provider.stage("selection"):
             region_of = equal_width_strata(scores, cfg.regions)
             groups = region_members(region_of)

@@ -1,6 +1,6 @@
 """Token-level selection (Rho-1-style excess loss) on top of a sample-level coreset.
 
-:func:`select_tokens` scores the response tokens of the kept rows and returns 0/1 masks over the
+:func:`speccore.run.tokens.select_tokens` scores the response tokens of the kept rows and returns 0/1 masks over the
 target's tokens; :func:`save_token_masks` / :func:`load_token_masks` store them as
 ``token_masks.npz``, :func:`attach_token_masks` puts them on :class:`~speccore.data.TokenizedData`
 for :func:`speccore.train.finetune`, and :func:`export_labels` / :func:`save_token_labels` give a
@@ -21,14 +21,11 @@ from .masks import (
     save_token_masks,
     select_response_tokens,
 )
-from .pick import TokenSelection, crossfit_halves, select_tokens
 from .scores import Ragged, excess_loss, load_ragged, save_ragged, token_losses_of
 
 __all__ = [
     "Ragged",
-    "TokenSelection",
     "attach_token_masks",
-    "crossfit_halves",
     "excess_loss",
     "export_labels",
     "full_masks",
@@ -43,6 +40,5 @@ __all__ = [
     "save_token_labels",
     "save_token_masks",
     "select_response_tokens",
-    "select_tokens",
     "token_losses_of",
 ]

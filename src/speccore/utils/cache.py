@@ -22,18 +22,23 @@ from .io import cache_root, fingerprint, load_npz, save_npz
 
 logger = logging.getLogger(__name__)
 
-# Bump an entry whenever the code computing that value changes its result.
+# Bump an entry whenever the code computing that value changes its result. The per-sample model
+# outputs (effort, loss, el2n, embedding) add theirs when they register
+# (:func:`speccore.scoring.outputs.register_output`).
 SCORER_VERSIONS: dict[str, int] = {
-    "effort": 2,  # 2: float32 accumulation of the per-sample gradient norms
-    "loss": 2,  # 2: one response-window loss for training, scoring and token scores
-    "el2n": 2,
-    "embedding": 1,
     "token-loss": 2,
     "trajectory": 1,
     "perplexity": 1,
     "adapter": 2,  # the LoRA fine-tune (train.finetune)
     "derive": 1,  # a derived small model (speccore.proxies.derive): layer choice, healing, folder
 }
+
+
+def register_version(name: str, version: int) -> None:
+    """Record the code version of value family ``name`` (refused if it has another one)."""
+    if SCORER_VERSIONS.get(name, version) != version:
+        raise ValueError(f"{name!r} already has version {SCORER_VERSIONS[name]}, not {version}")
+    SCORER_VERSIONS[name] = version
 
 
 def model_identity(loaded: Any) -> str:

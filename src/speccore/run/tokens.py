@@ -1,4 +1,5 @@
-"""Token-level selection on a coreset: excess-loss scores, cross-fitting, masks in the target's
+"""Token-level selection on a coreset (the model work; :mod:`speccore.tokens` holds the pure
+parts: scores, alignment, masks): excess-loss scores, cross-fitting, masks in the target's
 tokens.
 
 Given the rows a sample-level method kept, :func:`select_tokens` scores every response token by
@@ -32,10 +33,8 @@ import numpy as np
 
 from ..data import Formatting, format_rows, row_label
 from ..data.batches import TokenizedData
-from ..utils.errors import ConfigError, DataError
-from ..utils.io import write_json
-from .align import map_scores, response_tokens_batch
-from .masks import (
+from ..tokens.align import map_scores, response_tokens_batch
+from ..tokens.masks import (
     attach_token_masks,
     full_masks,
     kept_fraction,
@@ -43,14 +42,16 @@ from .masks import (
     save_token_masks,
     select_response_tokens,
 )
-from .scores import Ragged, excess_loss, response_positions, save_ragged, token_losses_of
+from ..tokens.scores import Ragged, excess_loss, response_positions, save_ragged, token_losses_of
+from ..utils.errors import ConfigError, DataError
+from ..utils.io import write_json
 
 if TYPE_CHECKING:
     from peft import PeftModel
 
     from ..config import SelectConfig
-    from ..run.provider import ModelProvider, ModelSlot
     from ..selection import Selection
+    from .provider import ModelProvider, ModelSlot
 
 logger = logging.getLogger(__name__)
 
