@@ -256,10 +256,8 @@ class BenchConfig:
 def _validate_top(cfg: BenchConfig) -> None:
     if not cfg.out:
         raise ConfigError("out is required: the bench folder for results, tables and plots")
-    from ..run.pipeline import import_methods
     from ..selection import method_names
 
-    import_methods()
     valid = method_names()
     for name, variant in cfg.variants.items():
         if name in valid:

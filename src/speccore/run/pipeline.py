@@ -302,8 +302,3 @@ def _replace_dir(new: Path, dest: Path) -> None:
         os.rename(dest, old)
     os.rename(new, dest)
     shutil.rmtree(old, ignore_errors=True)
-
-
-def import_methods() -> None:
-    """Import every method module so that the registry is complete."""
-    from .. import selection  # noqa: F401

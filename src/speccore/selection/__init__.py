@@ -1,7 +1,7 @@
 """Coreset selection methods behind one contract (see :mod:`speccore.selection.base`)."""
 
-# Importing the method modules fills the registry.
-from . import ccs, d2, perplexity, random, s2l, score_based, staff, target_only  # noqa: F401
+# The methods themselves are found through the ``speccore.methods`` entry points (see
+# :func:`~speccore.selection.base.load_methods`), built-in ones included.
 from .base import (
     ModelWork,
     ScoreProvider,
@@ -9,6 +9,7 @@ from .base import (
     SelectionMethod,
     StageTimer,
     get_method,
+    load_methods,
     method_names,
     register_method,
 )
@@ -20,6 +21,7 @@ __all__ = [
     "SelectionMethod",
     "StageTimer",
     "get_method",
+    "load_methods",
     "method_names",
     "register_method",
 ]

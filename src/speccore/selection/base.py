@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib.metadata
 import json
 import time
 import typing
@@ -273,6 +274,36 @@ def plan_of(requests: list[ModelWork], config: RunConfig, n: int) -> list[Work]:
 _REGISTRY: dict[str, type[SelectionMethod]] = {}
 _SETTING_FIELDS: dict[str, tuple[dataclasses.Field[Any], Any, str]] = {}
 
+#: Methods are modules named in this entry-point group (speccore's own in its pyproject.toml),
+#: so another package adds one without editing speccore.
+ENTRY_POINT_GROUP = "speccore.methods"
+_loaded = False
+
+
+def load_methods() -> None:
+    """Import every module of the ``speccore.methods`` entry points, once; their
+    ``@register_method`` classes fill the registry. A module that fails to import is an error
+    naming its entry point, never a silently missing method."""
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True  # before importing: a method module may itself ask for the registry
+    points = importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)
+    if not any(p.value.startswith("speccore.") for p in points):
+        _loaded = False
+        raise ConfigError(
+            f"no built-in selection methods in the {ENTRY_POINT_GROUP!r} entry points: speccore "
+            "is not installed as a package; install it (pip install -e .)"
+        )
+    for point in sorted(points, key=lambda p: p.name):
+        try:
+            point.load()
+        except Exception as err:
+            raise ConfigError(
+                f"selection method {point.name!r} (entry point {point.value!r} in group "
+                f"{ENTRY_POINT_GROUP!r}) failed to load: {type(err).__name__}: {err}"
+            ) from err
+
 
 def register_method(cls: type[SelectionMethod]) -> type[SelectionMethod]:
     """Class decorator: make a method available by its ``name``.
@@ -314,11 +345,13 @@ def _default(f: dataclasses.Field[Any]) -> Any:
 
 
 def method_names() -> list[str]:
+    load_methods()
     return sorted(_REGISTRY)
 
 
 def method_class(name: str) -> type[SelectionMethod]:
     """The class registered as ``name``; an unknown name lists the valid ones."""
+    load_methods()
     try:
         return _REGISTRY[name]
     except KeyError:
@@ -338,11 +371,13 @@ def get_method(name: str) -> SelectionMethod:
 
 def setting_fields() -> dict[str, tuple[dataclasses.Field[Any], Any]]:
     """Every method setting: flat name → (dataclass field, resolved type)."""
+    load_methods()
     return {k: (f, tp) for k, (f, tp, _) in _SETTING_FIELDS.items()}
 
 
 def methods_using(setting: str) -> list[str]:
     """The methods whose settings hold the field ``setting``."""
+    load_methods()
     return [
         n
         for n, cls in sorted(_REGISTRY.items())
