@@ -17,12 +17,10 @@ from speccore.proxies.agree import (
     AgreementReport,
     agreement,
     compare,
-    rand_index,
-    rand_index_labels,
     sample_rows,
     score_rows,
-    spearman_rho,
 )
+from speccore.selection.agreement import rand_index, rand_index_labels, spearman
 from speccore.selection.regions import equal_width_regions
 from speccore.utils.errors import ConfigError, DataError
 
@@ -71,11 +69,31 @@ def test_rand_index_of_equal_width_regions() -> None:
         rand_index(small, target[:10], 4)
 
 
-def test_spearman_rho() -> None:
+def test_spearman() -> None:
     x = np.array([1.0, 3.0, 2.0, 5.0])
-    assert spearman_rho(x, x**3) == pytest.approx(1.0)
-    assert spearman_rho(x, -x) == pytest.approx(-1.0)
-    assert spearman_rho(x, np.ones(4)) is None
+    assert spearman(x, x**3) == pytest.approx(1.0)
+    assert spearman(x, -x) == pytest.approx(-1.0)
+    assert spearman(x, np.ones(4)) is None
+    assert spearman(x[:2], x[:2]) is None  # two samples always rank ±1: not a measurement
+    assert spearman(x[:3], x[:3]) == pytest.approx(1.0)
+
+
+def test_verified_agreement_is_read_one_way_everywhere() -> None:
+    """STAFF's record of its verified samples gives the same Rand index through the selection,
+    its saved dict, and the small scores looked up by index."""
+    from speccore.selection import Selection
+    from speccore.selection.agreement import verified_rand_index, verified_scores
+
+    small, target = np.array([0.0, 1.0, 2.0, 3.0]), np.array([0.0, 0.1, 2.0, 3.0])
+    agree = {"indices": [4, 5, 6, 7], "small": small.tolist(), "target": target.tolist()}
+    sel = Selection(
+        "staff", np.arange(3), 8, 3, scores=np.arange(8.0) - 4, info={"agreement": agree}
+    )
+    expected = rand_index(small, target, 2)
+    assert verified_rand_index(sel, 2) == verified_rand_index(sel.to_dict(), 2) == expected
+    by_index = {"info": {"agreement": {**agree, "small": []}}, "scores": list(range(-4, 4))}
+    assert verified_scores(by_index)[0].tolist() == small.tolist()
+    assert verified_rand_index({"info": {}}, 2) is None
 
 
 def test_sample_rows_is_seeded_and_distinct() -> None:

@@ -98,3 +98,50 @@ def test_every_subpackage_imports_on_its_own(name: str) -> None:
         [sys.executable, "-c", f"import speccore.{name}"], capture_output=True, text=True
     )
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def module_graph() -> dict[str, set[str]]:
+    """Every module's speccore imports resolved to modules (``from .x import name`` → ``x``),
+    lazy and type-only ones included; a package counts as its ``__init__``."""
+    modules: dict[str, Path] = {}
+    for path in PACKAGE.rglob("*.py"):
+        parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        modules[".".join(parts)] = path
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        out = set()
+        for target in imports_of(path):
+            while target and target not in modules:  # speccore.x.name → speccore.x
+                target = target.rpartition(".")[0]
+            if target and target != name:
+                out.add(target)
+        graph[name] = out
+    return graph
+
+
+def test_no_import_cycle_between_modules() -> None:
+    graph = module_graph()
+    assert "speccore.run.provider" in graph["speccore.run.pipeline"]  # the walker sees edges
+    # A package's __init__ imports its own modules to re-export them; a module importing a
+    # sibling through the package (``from . import x``) is an edge to x, not to the package.
+    inner = {
+        m: {t for t in deps if not (m.startswith(t + ".") and t != "speccore")}
+        for m, deps in graph.items()
+    }
+    assert find_cycle(inner) is None, f"import cycle: {' → '.join(find_cycle(inner) or [])}"
+
+
+def test_no_two_modules_share_a_name() -> None:
+    names: dict[str, list[str]] = {}
+    for path in PACKAGE.rglob("*.py"):
+        if path.stem not in {"__init__", "__main__"}:
+            names.setdefault(path.stem, []).append(str(path.relative_to(PACKAGE)))
+    clashes = {k: v for k, v in names.items() if len(v) > 1}
+    assert not clashes, f"modules sharing a name: {clashes}"
+
+
+def test_the_top_level_holds_only_the_front_door() -> None:
+    top = sorted(p.stem for p in PACKAGE.glob("*.py"))
+    assert top == ["__init__", "__main__", "cli", "config"], top

@@ -241,7 +241,7 @@ def write_plots(
 
 def _staff_plots(folder: Path) -> list[Path]:
     """Region bars for each STAFF pruning rate (first seed) and one effort comparison."""
-    from .run import verified_scores
+    from ..selection.agreement import verified_scores
 
     written: list[Path] = []
     selections = sorted((folder / "selections").glob("staff_*.json"))

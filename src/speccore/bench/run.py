@@ -30,7 +30,7 @@ import numpy as np
 from ..config import TrainSettings
 from ..data import Formatting, load_rows, prompt_texts, tokenize_dataset
 from ..models.pool import ModelPool
-from ..proxies.agree import rand_index
+from ..selection.agreement import verified_rand_index
 from ..utils import interrupt
 from ..utils.errors import ConfigError, DataError
 from ..utils.io import atomic_open, fingerprint, write_json
@@ -562,47 +562,15 @@ def selection_summary(selection: Selection) -> dict[str, Any]:
     timings = dict(selection.timings)
     total = timings.pop("total", float(sum(timings.values())))
     agreement = selection.info.get("agreement") or {}
-    small, target = verified_scores(selection)
     regions = int(selection.config.get("regions", 0) or 0)
     return {
         "seconds": total,
         "timings": timings,
         "agreement": agreement.get("spearman"),
-        "rand_index": rand_index(small, target, regions) if small is not None else None,
+        "rand_index": verified_rand_index(selection, regions),
         "n_verified": selection.info.get("n_verified"),
         "target_samples_scored": selection.info.get("target_samples_scored"),
     }
-
-
-def verified_scores(selection: Selection | dict[str, Any]) -> tuple[Any, Any]:
-    """Small and target scores of STAFF's verified samples, or ``(None, None)``.
-
-    STAFF stores them with its agreement (``info["agreement"]``: ``indices``, ``small``,
-    ``target``); ``info["verified"]`` with the same keys is read too. Without ``small``, the
-    small scores are looked up in the selection's ``scores`` by ``indices``.
-    """
-    if isinstance(selection, dict):
-        info, scores = selection.get("info", {}), selection.get("scores")
-    else:
-        info, scores = selection.info, selection.scores
-    found = [
-        v
-        for v in (info.get("verified"), info.get("agreement"))
-        if isinstance(v, dict) and v.get("target")
-    ]
-    if not found:
-        return None, None
-    verified = found[0]
-    target = np.asarray(verified["target"], dtype=np.float64)
-    if verified.get("small"):
-        small = np.asarray(verified["small"], dtype=np.float64)
-    elif scores is not None and verified.get("indices"):
-        small = np.asarray(scores, dtype=np.float64)[
-            np.asarray(verified["indices"], dtype=np.int64)
-        ]
-    else:
-        return None, None
-    return small, target
 
 
 def _kept_token_fraction(cell: Cell, selection: Selection | None) -> float | None:

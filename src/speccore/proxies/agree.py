@@ -21,7 +21,7 @@ import numpy as np
 
 from ..config import LoraSettings
 from ..data.batches import TokenizedData
-from ..selection.regions import equal_width_regions
+from ..selection.agreement import rand_index, spearman
 from ..utils.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
@@ -207,7 +207,7 @@ def compare(small: ScoredRows, target: ScoredRows, *, regions: int = 10) -> Agre
         regions=regions,
         seed=small.seed,
         same_family=same,
-        spearman={s: spearman_rho(small.scores[s], target.scores[s]) for s in common},
+        spearman={s: spearman(small.scores[s], target.scores[s]) for s in common},
         rand_index={s: rand_index(small.scores[s], target.scores[s], regions) for s in common},
         small_seconds=small.seconds,
         target_seconds=target.seconds,
@@ -227,52 +227,6 @@ def sample_rows(n: int, rows: int, seed: int) -> np.ndarray:
         return np.arange(n, dtype=np.int64)
     rng = np.random.default_rng(seed)
     return np.sort(rng.choice(n, size=rows, replace=False)).astype(np.int64)
-
-
-def spearman_rho(a: np.ndarray, b: np.ndarray) -> float | None:
-    """Spearman's rank correlation, or None when undefined (fewer than 2 values, or constant)."""
-    from scipy.stats import spearmanr
-
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    if len(a) < 2 or np.ptp(a) == 0 or np.ptp(b) == 0:
-        return None
-    return float(spearmanr(a, b).statistic)
-
-
-def rand_index(small: np.ndarray, target: np.ndarray, regions: int) -> float | None:
-    """Rand index between the regions small and target scores induce on the same samples, each
-    split into ``regions`` equal-width regions over its own range (None below 2 samples)."""
-    if len(small) != len(target):
-        raise ValueError(f"{len(small)} small scores but {len(target)} target scores")
-    if len(small) < 2 or regions < 1:
-        return None
-    a = equal_width_regions(np.asarray(small, dtype=np.float64), regions)
-    b = equal_width_regions(np.asarray(target, dtype=np.float64), regions)
-    return rand_index_labels(a, b)
-
-
-def rand_index_labels(a: np.ndarray, b: np.ndarray) -> float:
-    """Share of sample pairs on which two labelings agree (both together or both apart).
-
-    From the contingency table ``n_ij``: agreeing pairs = ``C(n,2) + 2·Σ C(n_ij,2) − Σ C(a_i,2)
-    − Σ C(b_j,2)``, with ``a_i``/``b_j`` the label counts of each labeling.
-    """
-    a, b = np.asarray(a), np.asarray(b)
-    n = len(a)
-    if n < 2:
-        return 1.0
-    _, a_ids = np.unique(a, return_inverse=True)
-    _, b_ids = np.unique(b, return_inverse=True)
-    cells = np.unique(np.stack([a_ids, b_ids]), axis=1, return_counts=True)[1]
-
-    def pairs(counts: np.ndarray) -> float:
-        c = counts.astype(np.float64)
-        return float((c * (c - 1) / 2).sum())
-
-    total = n * (n - 1) / 2
-    same_both = pairs(cells)
-    agreeing = total + 2 * same_both - pairs(np.bincount(a_ids)) - pairs(np.bincount(b_ids))
-    return agreeing / total
 
 
 # --- scoring one model -----------------------------------------------------------------------

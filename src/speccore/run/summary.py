@@ -64,16 +64,10 @@ def describe(
 
 
 def verified_rand_index(selection: Selection) -> float | None:
-    """Rand index of the K equal-width regions that the small and the target scores of STAFF's
-    verified samples each induce (K = the run's ``regions``); None without verified scores."""
-    from ..proxies.agree import rand_index
+    """Rand index of the regions over STAFF's verified samples (K = the run's ``regions``)."""
+    from ..selection.agreement import verified_rand_index as rand_of
 
-    agree = selection.info.get("agreement") or {}
-    small, target = agree.get("small"), agree.get("target")
-    regions = int(selection.config.get("regions") or 0)
-    if not small or not target or len(small) != len(target) or regions < 1:
-        return None
-    return rand_index(np.asarray(small), np.asarray(target), regions)
+    return rand_of(selection, int(selection.config.get("regions") or 0))
 
 
 def summary_text(selection: Selection) -> str:

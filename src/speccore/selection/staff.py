@@ -86,6 +86,7 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 
 from ..utils.errors import ConfigError
+from .agreement import spearman
 from .base import (
     MethodSettings,
     ModelWork,
@@ -271,12 +272,8 @@ def verify_regions(
 
 def agreement(small: np.ndarray, target: np.ndarray) -> dict[str, Any]:
     """Spearman correlation of small vs target scores; warns when it is too low to trust."""
-    from scipy.stats import spearmanr
-
-    if len(small) < 3 or np.ptp(small) == 0 or np.ptp(target) == 0:
-        return {"spearman": None, "n": len(small)}
-    rho = float(spearmanr(small, target).statistic)
-    if rho < AGREEMENT_WARN_BELOW:
+    rho = spearman(small, target)
+    if rho is not None and rho < AGREEMENT_WARN_BELOW:
         logger.warning(
             "small/target score agreement is low (Spearman %.2f over %d verified samples): the "
             "small model's scores hardly predict the target's; try a smaller model of the "
