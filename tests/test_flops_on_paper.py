@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 from transformers import AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "speed-bench"))
-from derive_agreement import ARCHS, Arch
+from speccore.proxies.costs import ARCHS, Arch
 
 
 def _config(a: Arch, layers: int) -> object:
