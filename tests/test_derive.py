@@ -16,11 +16,11 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
 from conftest import make_rows
-from speccore import derive as derive_module
 from speccore.config import LoraSettings
 from speccore.data.batches import IGNORE_INDEX, TokenizedData, collate
 from speccore.data.encode import tokenize_pairs
 from speccore.models import LoadedModel, attach_lora, check_family, load_model, tiny_model_folder
+from speccore.proxies import derive as derive_module
 from speccore.proxies.derive import (
     DeriveSettings,
     block_influence,

@@ -12,8 +12,8 @@ import datasets
 import numpy as np
 import pytest
 
-from speccore import io
 from speccore.data import load_rows, write_coreset
+from speccore.utils import io
 from speccore.utils.io import (
     atomic_open,
     atomic_path,

@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 import torch
 
-from speccore import progress as progress_module
 from speccore.bench.generate import encode_prompts, generate
 from speccore.config import LoraSettings, TrainSettings
 from speccore.data import Formatting, prompt_texts, tokenize_dataset
@@ -31,6 +30,7 @@ from speccore.scoring import score_samples
 from speccore.scoring.losses import ResponseLoss, response_loss
 from speccore.tokens import token_losses_of
 from speccore.train import finetune
+from speccore.utils import progress as progress_module
 from speccore.utils.progress import progress, set_quiet
 
 # --- one prompt encoder ----------------------------------------------------------------------

@@ -18,7 +18,6 @@ import numpy as np
 import pytest
 import torch
 
-from speccore import interrupt
 from speccore.config import LoraSettings, TrainSettings
 from speccore.data.batches import IGNORE_INDEX, TokenizedData, length_grouped_batches
 from speccore.models import attach_lora, tiny_causal_lm
@@ -26,6 +25,7 @@ from speccore.scoring import runner
 from speccore.scoring.runner import score_samples
 from speccore.train import finetune
 from speccore.train.finetune import CHECKPOINT_FILE
+from speccore.utils import interrupt
 from speccore.utils.interrupt import Interrupted, interruptible
 
 VOCAB = 83
