@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 from transformers import LlamaConfig
 
@@ -17,6 +18,10 @@ from conftest import forward_terms, tol
 
 ROOT = Path(__file__).resolve().parents[1]
 SUITE = ROOT / "speed-bench" / "device_suite.py"
+
+# Every test starts the suite in a fresh interpreter (torch and speccore imported again), and
+# the first runs its four steps of model work.
+pytestmark = pytest.mark.slow
 
 
 # The larger of the suite's two tiny models (TINY_PLAN in device_suite.py: hidden 48, 3 layers,

@@ -1,6 +1,6 @@
 """--engine ray: the same scores as local scoring, resume by shard, and a clear error without Ray.
 
-One local Ray (2 CPUs, so a pool of one actor) serves the whole module.
+One local Ray (2 CPUs, so a pool of one actor) serves the tests that need it (marked slow).
 """
 
 from __future__ import annotations
@@ -78,6 +78,7 @@ def assert_close(got: np.ndarray, want: np.ndarray, slot: ModelSlot) -> None:
     np.testing.assert_allclose(got, want, rtol=rtol, atol=0)
 
 
+@pytest.mark.slow
 def test_all_samples_match_local_scoring_and_resume_only_missing_shards(
     ray_cluster: Any, slot: ModelSlot, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -111,6 +112,7 @@ def test_all_samples_match_local_scoring_and_resume_only_missing_shards(
     assert scored == [[1]]
 
 
+@pytest.mark.slow
 def test_subset_of_indices_matches_local_scoring(ray_cluster: Any, slot: ModelSlot) -> None:
     indices = np.array([17, 3, 9, 3, 22], dtype=np.int64)
     # Through the provider's engine table: engine == "ray" dispatches to Ray.
