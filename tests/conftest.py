@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 
 from speccore import SelectConfig
 from speccore.data.batches import TokenizedData
@@ -163,6 +164,90 @@ def micro_bench_settings(
     }
     settings.update(overrides)
     return settings
+
+
+# --- float tolerances ---------------------------------------------------------------------------
+#
+# Two computations of one value that round differently (another batching or padding, another
+# kernel, device or engine, a reference loop against a batched version) agree only up to their
+# rounding errors, and those scale with the dtype: a sum of n terms in floating point has a
+# relative error of at most gamma_n = n*u/(1 - n*u), u = eps/2 (Higham, "Accuracy and Stability
+# of Numerical Algorithms", 2nd ed., eq. 3.4 and section 4.2). Two such sums of the same terms,
+# rounded in different orders, differ by at most about 2*gamma_n ~ n*eps. A value computed
+# through a chain of reductions (a forward pass: matmuls over the hidden size, softmax over the
+# positions, logsumexp over the vocabulary) carries, to first order, the sum of their errors, so
+# n is the summed length of the reductions along its path. That is a worst-case bound (the
+# typical error is nearer sqrt(n)*eps), and it assumes the value is not the small difference of
+# large ones; it holds on any BLAS, thread count or device, where a fixed 1e-7 does not: float32's
+# eps is 1.19e-7, so rtol=1e-7 asked two batchings to agree to better than one unit in the last
+# place. Comparisons that the code promises to be bit-identical (same batching, resume,
+# determinism) stay exact.
+
+
+def eps(dtype: Any) -> float:
+    """Machine epsilon of a torch or numpy float dtype (or its name)."""
+    if isinstance(dtype, torch.dtype):
+        return float(torch.finfo(dtype).eps)
+    return float(np.finfo(np.dtype(dtype)).eps)
+
+
+def tol(dtype: Any, terms: int = 1) -> float:
+    """Relative tolerance for one value computed two ways in ``dtype``, through reductions of
+    ``terms`` floating-point terms in all (see above): ``terms * eps(dtype)``."""
+    if terms < 1:
+        raise ValueError(f"terms must be >= 1, got {terms}")
+    return terms * eps(dtype)
+
+
+def forward_terms(model: Any, tokens: int, *, backward: bool = False) -> int:
+    """The summed length of the reductions in one pass of a decoder (Llama or Gemma 3 style)
+    over ``tokens`` positions, for :func:`tol`.
+
+    Per layer: the RMSNorms (hidden; Gemma 3 has four, and q/k norms over head_dim), the q, k, v,
+    gate and up projections (hidden each), the attention scores (head_dim), the softmax and the
+    weighted sum over the positions (tokens each), the output projection (heads * head_dim) and
+    the MLP's down projection (intermediate). Then the final norm and the lm_head (hidden each),
+    the logsumexp over the vocabulary and the mean over the tokens. ``backward`` adds the same
+    again (each product's transpose) and the sum over the tokens of a weight's gradient.
+    ``model`` is a model or its config.
+    """
+    config = getattr(model, "config", model)
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    hidden, heads = config.hidden_size, config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    per_layer = (
+        4 * hidden  # norms (Gemma 3: input, post-attention, pre- and post-MLP)
+        + 2 * head_dim  # Gemma 3's q and k norms
+        + 5 * hidden  # q, k, v, gate, up
+        + head_dim  # q . k
+        + 2 * tokens  # softmax and the weighted sum of the values
+        + heads * head_dim  # o_proj
+        + config.intermediate_size  # down_proj
+    )
+    n = config.num_hidden_layers * per_layer + 2 * hidden + config.vocab_size + tokens
+    return 2 * n + tokens if backward else n
+
+
+def model_tol(model: Any, tokens: int, dtype: Any = None, *, backward: bool = False) -> float:
+    """Relative tolerance for a value ``model`` computes two ways (rows of up to ``tokens``
+    tokens) in ``dtype`` (default: the model's parameters' dtype).
+
+    float32 and float64: :func:`tol` over :func:`forward_terms`. bfloat16 and float16: torch
+    sums their matmuls and reductions in float32 and rounds each result to the half dtype; the
+    residual stream is rounded after the embedding, after every layer and at the logits, so
+    each computation carries up to ``(layers + 2) * u`` (u = eps/2, first order) and two of them
+    differ by up to ``(layers + 2) * eps`` (twice that with a backward pass), on top of the
+    float32 sums.
+    """
+    if dtype is None:
+        dtype = next(model.parameters()).dtype
+    terms = forward_terms(model, tokens, backward=backward)
+    if eps(dtype) <= eps(torch.float32):
+        return tol(dtype, terms)
+    config = getattr(model, "config", model)
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    roundings = (config.num_hidden_layers + 2) * (2 if backward else 1)
+    return tol(dtype, roundings) + tol(torch.float32, terms)
 
 
 MIXED_LENGTHS = [24, 6, 20, 10, 3]

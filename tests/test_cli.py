@@ -131,6 +131,7 @@ def test_bad_input_is_one_clear_line(
     assert not (out / "coreset.jsonl").exists() and not (out / "selection.json").exists()
 
 
+@pytest.mark.slow
 def test_real_alias_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The CLI on the packaged SmolLM2-135M (dequantised once into a shared cache)."""
     import os

@@ -339,6 +339,7 @@ def test_response_specials_added_by_tokenizer_are_not_doubled() -> None:
     assert data.labels[0] == [IGNORE_INDEX] * 4 + [13, 2]
 
 
+@pytest.mark.slow
 def test_real_smollm2_chat_tokenisation(smollm2: Any) -> None:
     eos = smollm2.eos_token_id
     ds = datasets.Dataset.from_dict(

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
-from conftest import make_rows
+from conftest import forward_terms, make_rows, tol
 from speccore.config import LoraSettings
 from speccore.data.batches import IGNORE_INDEX, TokenizedData, collate
 from speccore.data.encode import tokenize_pairs
@@ -243,7 +243,11 @@ def test_block_influence_matches_a_direct_computation(
     target = llama if arch == "llama" else gemma
     data = rows_data(target.tokenizer, 8, 1)
     batched = block_influence(target.model, data, max_batch_tokens=128)
-    np.testing.assert_allclose(batched, direct_block_influence(target.model, data), atol=1e-5)
+    # Padded batches against one row at a time: other float32 sums in the forward pass (rows of
+    # up to 64 tokens). A block influence is 1 - a mean cosine, in [0, 2]: the cosine's relative
+    # error is an absolute one on the influence.
+    atol = tol(torch.float32, forward_terms(target.model, 64))
+    np.testing.assert_allclose(batched, direct_block_influence(target.model, data), atol=atol)
     assert np.all((batched > 0) & (batched < 2))
 
 

@@ -10,8 +10,27 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
+import torch
+from transformers import LlamaConfig
+
+from conftest import forward_terms, tol
+
 ROOT = Path(__file__).resolve().parents[1]
 SUITE = ROOT / "speed-bench" / "device_suite.py"
+
+# Every test starts the suite in a fresh interpreter (torch and speccore imported again), and
+# the first runs its four steps of model work.
+pytestmark = pytest.mark.slow
+
+
+# The larger of the suite's two tiny models (TINY_PLAN in device_suite.py: hidden 48, 3 layers,
+# vocabulary 400, rows of 32 tokens, float32): its rounding bound covers the smaller one too.
+TINY_M = LlamaConfig(
+    vocab_size=400, hidden_size=48, intermediate_size=96, num_hidden_layers=3,
+    num_attention_heads=4, num_key_value_heads=2,
+)  # fmt: skip
+A_VS_B_RTOL = tol(torch.float32, forward_terms(TINY_M, 32, backward=True))
 
 
 def run_suite(out: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -45,7 +64,9 @@ def test_tiny_suite_writes_every_step_and_reruns_one(tmp_path: Path) -> None:
         rates = m["tokens_per_s"]  # rounded to 0.1 token/s in the file
         assert math.isclose(m["a_over_c"], rates["a"] / rates["c"], rel_tol=1e-3)
         assert m["goal_a_ge_2b"] == (m["a_over_b"] >= 2)
-        assert m["max_rel_error_a_vs_b"] < 1e-4  # float32: (a) and (b) are both exact
+        # float32: (a) and (b) are both exact, up to their other float sums (batched against
+        # one row at a time) in a forward and a backward pass.
+        assert m["max_rel_error_a_vs_b"] <= A_VS_B_RTOL
 
     two = steps["2"]
     assert set(two["scores"]) == {"effort", "loss", "el2n"}

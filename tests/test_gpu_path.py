@@ -19,6 +19,7 @@ import pytest
 import torch
 from scipy.stats import spearmanr
 
+from conftest import forward_terms, tol
 from speccore.config import LoraSettings
 from speccore.data.batches import IGNORE_INDEX, TokenizedData, collate
 from speccore.models import load as load_module
@@ -197,8 +198,14 @@ def test_a_fine_tune_step_has_the_same_gradients_with_checkpointing() -> None:
     checkpointed = train_grads(model, batch, seed=5)
     assert recomputed[0] == 2  # the first block ran again in the backward
     assert plain.keys() == checkpointed.keys() and len(plain) > 0
+    # The recomputed blocks repeat the same float32 operations; what rounding may still differ
+    # is bounded by a forward and backward pass over rows of up to 64 tokens plus the sum of a
+    # weight's gradient over the 8 rows' tokens. Entries near 0 are sums that cancel: their
+    # error is relative to the tensor's largest entry.
+    rtol = tol(torch.float32, forward_terms(model, 64, backward=True) + 8 * 64)
     for name, grad in plain.items():
-        assert torch.allclose(checkpointed[name], grad, rtol=1e-5, atol=1e-7), name
+        atol = rtol * float(grad.abs().max())
+        assert torch.allclose(checkpointed[name], grad, rtol=rtol, atol=atol), name
     # Another dropout draw gives other gradients: the comparison above is not vacuous.
     other = train_grads(model, batch, seed=6)
     assert any(not torch.allclose(other[n], g, rtol=1e-3) for n, g in plain.items())
@@ -258,7 +265,10 @@ def test_device_map_auto_loads_and_scores_the_same(
         for m in (plain, mapped)
     ]
     assert (scores[0] > 0).all()
-    np.testing.assert_allclose(scores[1], scores[0], rtol=1e-6)
+    # The same device (the CPU) gives the same sums; on a GPU the mapped model runs other
+    # kernels: effort is a forward and a backward pass over rows of up to 14 tokens.
+    rtol = tol(torch.float32, forward_terms(plain.model, 14, backward=True))
+    np.testing.assert_allclose(scores[1], scores[0], rtol=rtol)
 
 
 @pytest.mark.parametrize("load_in", ["4bit", "8bit"])

@@ -1,6 +1,6 @@
 """--engine ray: the same scores as local scoring, resume by shard, and a clear error without Ray.
 
-One local Ray (2 CPUs, so a pool of one actor) serves the whole module.
+One local Ray (2 CPUs, so a pool of one actor) serves the tests that need it (marked slow).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_rows
+from conftest import make_rows, model_tol
 from speccore import SelectConfig
 from speccore.run.provider import ENGINES, ModelSlot
 from speccore.scoring import ray_engine, score_samples
@@ -69,18 +69,22 @@ def local(slot: ModelSlot, score: str, indices: np.ndarray | None = None) -> np.
     )
 
 
-def assert_close(got: np.ndarray, want: np.ndarray) -> None:
+def assert_close(got: np.ndarray, want: np.ndarray, slot: ModelSlot) -> None:
+    """Ray's shards batch the rows (up to 64 tokens) otherwise than the local run: other float32
+    sums in a forward and (effort) a backward pass."""
     assert got.shape == want.shape
     assert np.all(want > 0)
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=0)
+    rtol = model_tol(slot.peft, 64, backward=True)
+    np.testing.assert_allclose(got, want, rtol=rtol, atol=0)
 
 
+@pytest.mark.slow
 def test_all_samples_match_local_scoring_and_resume_only_missing_shards(
     ray_cluster: Any, slot: ModelSlot, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     want = local(slot, "effort")
     got = ray_engine.score_with_ray(request(slot, "effort"), shard_samples=6)
-    assert_close(got, want)
+    assert_close(got, want, slot)
 
     idx = np.arange(N)
     shards = ray_engine.plan_shards(slot.data, idx, slot.cfg.max_batch_tokens, 6)
@@ -102,17 +106,18 @@ def test_all_samples_match_local_scoring_and_resume_only_missing_shards(
     again = ray_engine.score_with_ray(request(slot, "effort"), shard_samples=6)
     assert scored == [[1]]
     assert files[1].exists()
-    assert_close(again, want)
+    assert_close(again, want, slot)
     # Nothing missing: no Ray work at all.
     ray_engine.score_with_ray(request(slot, "effort"), shard_samples=6)
     assert scored == [[1]]
 
 
+@pytest.mark.slow
 def test_subset_of_indices_matches_local_scoring(ray_cluster: Any, slot: ModelSlot) -> None:
     indices = np.array([17, 3, 9, 3, 22], dtype=np.int64)
     # Through the provider's engine table: engine == "ray" dispatches to Ray.
     got = ENGINES[slot.cfg.engine](request(slot, "loss", indices))
-    assert_close(got, local(slot, "loss", indices))
+    assert_close(got, local(slot, "loss", indices), slot)
     assert got[1] == got[3]  # a repeated index gets the same score
 
 

@@ -128,6 +128,7 @@ def _kill_after_first_checkpoint(proc: subprocess.Popen[str], checkpoint: Path, 
     proc.communicate()
 
 
+@pytest.mark.slow
 def test_scoring_killed_with_sigkill_resumes_to_identical_scores(
     tmp_path: Path, one_thread: None, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -143,6 +144,7 @@ def test_scoring_killed_with_sigkill_resumes_to_identical_scores(
     assert np.isfinite(resumed).all()
 
 
+@pytest.mark.slow
 def test_finetune_killed_with_sigkill_resumes_to_identical_adapter(
     tmp_path: Path, one_thread: None, caplog: pytest.LogCaptureFixture
 ) -> None:

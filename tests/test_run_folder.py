@@ -220,6 +220,7 @@ def test_scores_of_more_than_one_dimension_are_refused(tmp_path: Path) -> None:
         load_scores_file(str(path), 24)
 
 
+@pytest.mark.slow
 def test_sigterm_in_the_cli_saves_and_exits_143_with_one_line(
     jsonl_data: Path, model_dirs: dict[str, Path], tmp_path: Path
 ) -> None:

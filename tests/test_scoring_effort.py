@@ -10,7 +10,7 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from conftest import lm_head_lengths, mixed_prompt_data
+from conftest import lm_head_lengths, mixed_prompt_data, model_tol, tol
 from speccore.data.batches import TokenizedData, collate
 from speccore.scoring import losses
 from speccore.scoring.effort import effort_batch, effort_reference
@@ -68,6 +68,13 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(((a - b).abs() / b.abs()).max())
 
 
+def rtol(model: nn.Module) -> float:
+    """Two ways to one effort (batched and per sample, another batch or logits window, with and
+    without checkpointing) round differently: a forward and a backward pass in the model's dtype
+    over rows of up to 24 tokens (``mixed_prompt_data``'s longest; LENGTHS' is 14)."""
+    return model_tol(model, 24, backward=True)
+
+
 LENGTHS = [6, 11, 4, 9, 14]
 
 
@@ -78,13 +85,13 @@ def test_batched_effort_matches_reference_float64(side: str) -> None:
     fast, slow = effort_batch(model, batch), effort_reference(model, batch)
     assert fast.shape == (len(LENGTHS),)
     assert bool((slow > 0).all())
-    assert rel_err(fast, slow) <= 1e-10
+    assert rel_err(fast, slow) <= rtol(model)
 
 
 def test_batched_effort_matches_reference_float32() -> None:
     model = tiny_lora_llama(torch.float32, seed=3)
     batch = collate(make_data(LENGTHS, seed=3), range(len(LENGTHS)))
-    assert rel_err(effort_batch(model, batch), effort_reference(model, batch)) <= 1e-4
+    assert rel_err(effort_batch(model, batch), effort_reference(model, batch)) <= rtol(model)
 
 
 def test_a_sample_scores_the_same_alone_and_in_a_padded_batch() -> None:
@@ -93,7 +100,7 @@ def test_a_sample_scores_the_same_alone_and_in_a_padded_batch() -> None:
     together = effort_batch(model, collate(data, range(len(LENGTHS))))
     for i in range(len(LENGTHS)):
         alone = effort_batch(model, collate(data, [i]))
-        assert abs(float(alone[0]) - float(together[i])) <= 1e-10 * float(together[i])
+        assert abs(float(alone[0]) - float(together[i])) <= rtol(model) * float(together[i])
 
 
 def test_only_response_positions_count() -> None:
@@ -101,20 +108,20 @@ def test_only_response_positions_count() -> None:
     data = make_data(LENGTHS, prompt=5)
     batch = collate(data, range(len(LENGTHS)))
     base = effort_batch(model, batch)
-    assert rel_err(base, effort_reference(model, batch)) <= 1e-10
+    assert rel_err(base, effort_reference(model, batch)) <= rtol(model)
 
     # Changing a masked (prompt) label changes nothing; a counted label changes the score.
     masked = {k: v.clone() for k, v in batch.items()}
     masked["labels"][1, 2] = 5  # was -100: now a counted target at position 2
     unmasked_score = effort_batch(model, masked)
     assert float(unmasked_score[1]) != pytest.approx(float(base[1]), rel=1e-6)
-    assert torch.allclose(unmasked_score[[0, 2, 3, 4]], base[[0, 2, 3, 4]], rtol=1e-12)
+    assert rel_err(unmasked_score[[0, 2, 3, 4]], base[[0, 2, 3, 4]]) <= rtol(model)
 
     # Without the prompt mask, every position counts: another score, still matching the reference.
     full = collate(make_data(LENGTHS, prompt=0), range(len(LENGTHS)))
     full_score = effort_batch(model, full)
     assert not torch.allclose(full_score, base, rtol=1e-3)
-    assert rel_err(full_score, effort_reference(model, full)) <= 1e-10
+    assert rel_err(full_score, effort_reference(model, full)) <= rtol(model)
 
 
 def test_scaling_and_rank_are_handled() -> None:
@@ -122,14 +129,14 @@ def test_scaling_and_rank_are_handled() -> None:
     for r, alpha in [(8, 2), (2, 16)]:
         model = tiny_lora_llama(r=r, lora_alpha=alpha, target_modules=[*TARGETS, "o_proj"])
         batch = collate(make_data(LENGTHS, seed=r), range(len(LENGTHS)))
-        assert rel_err(effort_batch(model, batch), effort_reference(model, batch)) <= 1e-10
+        assert rel_err(effort_batch(model, batch), effort_reference(model, batch)) <= rtol(model)
 
 
 @pytest.mark.filterwarnings("ignore:`lora_bias=True`")
 def test_lora_bias_is_part_of_phi() -> None:
     model = tiny_lora_llama(lora_bias=True)
     batch = collate(make_data(LENGTHS), range(len(LENGTHS)))
-    assert rel_err(effort_batch(model, batch), effort_reference(model, batch)) <= 1e-10
+    assert rel_err(effort_batch(model, batch), effort_reference(model, batch)) <= rtol(model)
 
 
 def test_no_grad_left_and_modes_restored() -> None:
@@ -162,8 +169,8 @@ def test_frozen_lora_params_give_the_same_score() -> None:
     trainable = effort_batch(model, batch)
     for p in model.parameters():
         p.requires_grad_(False)
-    assert rel_err(effort_batch(model, batch), trainable) <= 1e-12
-    assert rel_err(effort_reference(model, batch), trainable) <= 1e-10
+    assert rel_err(effort_batch(model, batch), trainable) <= rtol(model)
+    assert rel_err(effort_reference(model, batch), trainable) <= rtol(model)
     assert not any(p.requires_grad for p in model.parameters())
 
 
@@ -175,7 +182,7 @@ def test_only_the_active_adapter_counts() -> None:
     model.set_adapter("other")
     randomise_lora(model, seed=11)
     second = effort_batch(model, batch)
-    assert rel_err(second, effort_reference(model, batch)) <= 1e-10
+    assert rel_err(second, effort_reference(model, batch)) <= rtol(model)
     assert not torch.allclose(first, second, rtol=1e-3)
 
 
@@ -187,7 +194,7 @@ def test_a_sample_without_response_tokens_gets_nan() -> None:
     fast, slow = effort_batch(model, batch), effort_reference(model, batch)
     assert bool(fast.isnan()[2]) and bool(slow.isnan()[2])
     keep = [0, 1, 3, 4]
-    assert rel_err(fast[keep], slow[keep]) <= 1e-10
+    assert rel_err(fast[keep], slow[keep]) <= rtol(model)
 
 
 def test_a_model_without_lora_is_refused() -> None:
@@ -230,7 +237,11 @@ def test_a_layer_called_twice_sums_its_gradients_before_the_norm() -> None:
     )
     randomise_lora(model, seed=5)
     batch = collate(make_data(LENGTHS), range(len(LENGTHS)))
-    assert rel_err(effort_batch(model, batch), effort_reference(model, batch)) <= 1e-10
+    # float64; rows of up to 14 tokens. Forward: the cumsum (14), two calls of `mix` and the
+    # head (16 each), the logsumexp (97) and the mean (14): 173; backward the same again and the
+    # sum over the tokens of a weight's gradient.
+    rtol = tol(torch.float64, 2 * 173 + 14)
+    assert rel_err(effort_batch(model, batch), effort_reference(model, batch)) <= rtol
 
 
 # --- logits only over the response window ---------------------------------------------------
@@ -248,17 +259,17 @@ def test_windowed_effort_matches_full_logit_reference(
     fast = effort_batch(model, batch)
     assert seen[0] == response_window(batch["labels"]) < length
     slow = effort_reference(model, batch)
-    assert bool((slow > 0).all()) and rel_err(fast, slow) <= 1e-10
+    assert bool((slow > 0).all()) and rel_err(fast, slow) <= rtol(model)
     monkeypatch.setattr(losses, "LOGITS_WINDOW", False)
     seen.clear()
-    assert rel_err(effort_batch(model, batch), fast) <= 1e-12
+    assert rel_err(effort_batch(model, batch), fast) <= rtol(model)
     assert seen == [length]
 
 
 def test_windowed_effort_matches_reference_float32() -> None:
     model = tiny_lora_llama(torch.float32, seed=8)
     batch = collate(mixed_prompt_data(VOCAB, seed=8), range(5), padding_side="left")
-    assert rel_err(effort_batch(model, batch), effort_reference(model, batch)) <= 1e-4
+    assert rel_err(effort_batch(model, batch), effort_reference(model, batch)) <= rtol(model)
 
 
 @pytest.mark.parametrize("side", ["right", "left"])
@@ -273,7 +284,7 @@ def test_lora_on_the_lm_head_sees_only_the_window(side: str) -> None:
     assert seen[0] == response_window(batch["labels"]) < batch["labels"].shape[1]
     assert fast.isnan().tolist() == slow.isnan().tolist() == [False, True, False, False, False]
     keep = [0, 2, 3, 4]
-    assert rel_err(fast[keep], slow[keep]) <= 1e-10
+    assert rel_err(fast[keep], slow[keep]) <= rtol(model)
 
 
 # --- gradient checkpointing -----------------------------------------------------------------
@@ -309,8 +320,8 @@ def test_effort_with_gradient_checkpointing_equals_without(side: str, variant: s
     calls = lora_a_calls(model)
     checkpointed = effort_batch(model, batch)
     assert len(calls) == 2  # the forward and the recompute in the backward
-    assert rel_err(checkpointed, plain) <= 1e-12
-    assert rel_err(checkpointed, effort_reference(model, batch)) <= 1e-10
+    assert rel_err(checkpointed, plain) <= rtol(model)
+    assert rel_err(checkpointed, effort_reference(model, batch)) <= rtol(model)
     assert model.training and all(p.grad is None for p in model.parameters())
 
 
