@@ -319,7 +319,7 @@ def test_second_call_uses_the_cache(
     ):
         with pytest.raises(AssertionError, match="rebuilt"):
             derive_model(name, **changed)  # type: ignore[arg-type]
-    with pytest.raises(ConfigError, match="already exists"):
+    with pytest.raises(ConfigError, match="already holds another derived model"):
         derive_model(name, layers=2, heal_steps=0, out=out)
 
 

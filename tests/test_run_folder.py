@@ -44,7 +44,12 @@ def test_a_second_run_needs_overwrite_and_then_replaces_the_whole_folder(
         tiny_select_config(jsonl_data, model_dirs, out=str(out), method="random", overwrite=True)
     )
     assert not (out / "stale.csv").exists()
-    assert {p.name for p in out.iterdir()} == {"coreset.jsonl", "selection.json", "summary.txt"}
+    assert {p.name for p in out.iterdir()} == {
+        "coreset.jsonl",
+        "selection.json",
+        "summary.txt",
+        ".speccore-run",  # the marker: --overwrite replaces only a folder that carries it
+    }
     assert not list(tmp_path.glob(".run*")), "temporary or lock files left beside the run"
 
 

@@ -68,6 +68,7 @@ from .models.load import (
 )
 from .models.lora import seeded
 from .progress import progress
+from .runfolder import check_out_folder, is_empty_dir, write_marker
 from .scoring.losses import eval_mode, forward, model_device
 from .train import lr_factor, warmup_steps
 from .train.lora import RunState, StepCheckpoint, checkpoint_key, save_for_stop
@@ -258,10 +259,12 @@ def derive_model(
     used = data if settings.needs_data else None
     key = derivation_key(source.identity, settings, teacher_dtype, device_type, used)
     folder = cache_root() / "derived" / key
-    if out is not None and Path(out).exists() and not _is_derivation(Path(out), key):
+    if out is not None:
+        check_out_folder(out, "derive")  # a file, a parent that is a file, the user's files
+    if out is not None and _other_derivation(Path(out), key):
         # Before any work: an hour of healing must not end in this error.
         raise ConfigError(
-            f"--out {out} already exists and holds something else; remove it or pass another folder"
+            f"--out {out} already holds another derived model; remove it or pass another folder"
         )
     if _is_derivation(folder, key):
         logger.info("derived model from cache: %s", folder)
@@ -759,10 +762,17 @@ def _copy_out(folder: Path, out: Path, key: str) -> Path:
     # Copied into a private folder first, then renamed: a reader never sees half a model.
     tmp = make_temp_dir(out.parent, f".{out.name}.")
     try:
-        os.rename(copy_tree(folder, tmp / "model"), out)
+        copy = copy_tree(folder, tmp / "model")
+        write_marker(copy, "derive")
+        os.rename(copy, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def _other_derivation(folder: Path, key: str) -> bool:
+    """Whether ``folder`` exists, is not empty and holds another derivation than ``key``."""
+    return folder.is_dir() and not is_empty_dir(folder) and not _is_derivation(folder, key)
 
 
 def _is_derivation(folder: Path, key: str) -> bool:
@@ -986,6 +996,12 @@ def parse_layers(text: str, where: str = "--layers") -> int | float:
             f"{where}: layers {text!r} is not a number; write a fraction such as 0.33 or a "
             "count such as 10"
         ) from None
+    if value.is_integer() and not text.strip().lstrip("+-").isdigit():
+        # "1.0" reads as a fraction (all layers) to some and as one layer to others.
+        raise ConfigError(
+            f"{where}: layers {text!r} is ambiguous; write {int(value)} for {int(value)} "
+            f"layer{'s' if int(value) != 1 else ''} (a count), or a fraction below 1 such as 0.5"
+        )
     return int(value) if value.is_integer() else value
 
 
