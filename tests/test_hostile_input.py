@@ -204,6 +204,10 @@ SELECT_CASES: dict[str, tuple[Callable[[Path], list[str]], str]] = {
         "--target-epochs must be > 0",
     ),
     "--config type error": (bad_config, "--config "),
+    "--dedupe with token selection": (
+        lambda t: ["--dedupe", "--token-keep", "0.5"],
+        "--dedupe with --token-keep below 1 is not supported",
+    ),
     "--small derive:1.0": (
         lambda t: ["--small", "derive:1.0"],
         "layers '1.0' is ambiguous; write 1 for 1 layer (a count), or a fraction below 1",

@@ -309,6 +309,12 @@ class SelectConfig:
         self.train.validate()
         if not 0 < self.token_keep <= 1:
             raise ConfigError(f"--token-keep must be in (0, 1], got {self.token_keep}")
+        if self.dedupe and self.token_keep < 1:
+            # Token masks are saved by row of the data selected from, not of the file.
+            raise ConfigError(
+                "--dedupe with --token-keep below 1 is not supported: remove the repeated "
+                "rows from the file instead"
+            )
         self.method_settings.validate()
         # Settings given for other methods are checked too: a typo'd value fails now.
         for name in method_names():
