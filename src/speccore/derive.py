@@ -58,6 +58,7 @@ from .cache import SCORER_VERSIONS, cache_key
 from .data.tokenized import IGNORE_INDEX, TokenizedData, collate, length_grouped_batches
 from .errors import ConfigError, ModelError
 from .io import cache_root, copy_tree, make_temp_dir, write_json
+from .locks import file_lock
 from .models.load import (
     LoadedModel,
     load_model,
@@ -268,13 +269,18 @@ def derive_model(
         )
     if _is_derivation(folder, key):
         logger.info("derived model from cache: %s", folder)
-    else:
-        loaded = (
-            target
-            if isinstance(target, LoadedModel)
-            else load_model(target, dtype=dtype, device=device)
-        )
-        _build_folder(loaded, settings, used, key, folder, max_batch_tokens)
+        return folder if out is None else _copy_out(folder, Path(out), key)
+    # One process derives; another one asking for the same model waits, then reuses it.
+    with file_lock(cache_root() / "locks" / f"{key}.lock", "the derived model"):
+        if _is_derivation(folder, key):
+            logger.info("derived model from cache (made meanwhile): %s", folder)
+        else:
+            loaded = (
+                target
+                if isinstance(target, LoadedModel)
+                else load_model(target, dtype=dtype, device=device)
+            )
+            _build_folder(loaded, settings, used, key, folder, max_batch_tokens)
     return folder if out is None else _copy_out(folder, Path(out), key)
 
 
