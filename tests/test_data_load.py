@@ -258,6 +258,13 @@ def test_unknown_suffix_of_existing_file(tmp_path: Path) -> None:
         load_rows(str(source))
 
 
+def _hub_says_it_exists(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The one request before loading (tests/test_hostile_input.py) answers "it exists"."""
+    import speccore.data.read as load
+
+    monkeypatch.setattr(load, "check_hub_dataset", lambda name, flag="--data": None)
+
+
 def test_hub_failure_is_a_data_error(monkeypatch: pytest.MonkeyPatch) -> None:
     calls = []
 
@@ -266,6 +273,7 @@ def test_hub_failure_is_a_data_error(monkeypatch: pytest.MonkeyPatch) -> None:
         raise ConnectionError("Couldn't reach the hub")
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    _hub_says_it_exists(monkeypatch)
     assert data_format("someone/some-data") == "hub"
     with pytest.raises(
         DataError, match=r"^someone/some-data: no such file .*Couldn't reach the hub"
@@ -277,6 +285,7 @@ def test_hub_failure_is_a_data_error(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_hub_dataset_coreset_is_jsonl(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     hub = datasets.Dataset.from_list(ROWS)
     monkeypatch.setattr(datasets, "load_dataset", lambda name, split: hub)
+    _hub_says_it_exists(monkeypatch)
     dataset = load_rows("someone/some-data")
     out = write_coreset("someone/some-data", dataset, KEEP, tmp_path)
     assert out.name == "coreset.jsonl"

@@ -323,8 +323,39 @@ def test_second_call_uses_the_cache(
     ):
         with pytest.raises(AssertionError, match="rebuilt"):
             derive_model(name, **changed)  # type: ignore[arg-type]
-    with pytest.raises(ConfigError, match="already exists"):
+    with pytest.raises(ConfigError, match="already holds another derived model"):
         derive_model(name, layers=2, heal_steps=0, out=out)
+
+
+def test_a_derivation_made_by_another_process_meanwhile_is_waited_for_and_reused(
+    targets: dict[str, Path], isolated_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two runs deriving one model: the second waits on the entry's lock, then finds the
+    first's folder and builds nothing (the "other process" is a thread holding the lock)."""
+    import threading
+    import time
+
+    from speccore.utils.locks import file_lock
+
+    name = str(targets["llama"])
+    folder = derive_model(name, layers=2, heal_steps=0)
+    aside = folder.with_name(folder.name + ".aside")
+    folder.rename(aside)  # as if the other process were still building it
+    held = threading.Event()
+
+    def other_process() -> None:
+        with file_lock(isolated_cache / "locks" / f"{folder.name}.lock", "the derived model"):
+            held.set()
+            time.sleep(0.5)
+            aside.rename(folder)  # its folder is published while it holds the lock
+
+    thread = threading.Thread(target=other_process)
+    thread.start()
+    held.wait()
+    monkeypatch.setattr(derive_module, "_build_folder", _no_work)
+    monkeypatch.setattr(derive_module, "load_model", _no_work)
+    assert derive_model(name, layers=2, heal_steps=0) == folder
+    thread.join()
 
 
 def test_resolve_derived_spec_uses_the_cache(

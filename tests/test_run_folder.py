@@ -44,7 +44,12 @@ def test_a_second_run_needs_overwrite_and_then_replaces_the_whole_folder(
         tiny_select_config(jsonl_data, model_dirs, out=str(out), method="random", overwrite=True)
     )
     assert not (out / "stale.csv").exists()
-    assert {p.name for p in out.iterdir()} == {"coreset.jsonl", "selection.json", "summary.txt"}
+    assert {p.name for p in out.iterdir()} == {
+        "coreset.jsonl",
+        "selection.json",
+        "summary.txt",
+        ".speccore-run",  # the marker: --overwrite replaces only a folder that carries it
+    }
     assert not list(tmp_path.glob(".run*")), "temporary or lock files left beside the run"
 
 
@@ -212,7 +217,7 @@ def test_a_bench_with_neither_reference_row_prepares_its_data_first(
 def test_scores_of_more_than_one_dimension_are_refused(tmp_path: Path) -> None:
     import numpy as np
 
-    from speccore.run.provider import load_scores_file
+    from speccore.selection.scores_file import load_scores_file
 
     path = tmp_path / "scores.npy"
     np.save(path, np.ones((4, 6)))

@@ -206,13 +206,22 @@ def _add_data_flags(p: argparse.ArgumentParser, *, required: bool) -> None:
     p.add_argument("--device", default="auto")
 
 
-def _tokenizer_data(args: argparse.Namespace) -> Any:
-    """A function ``tokenizer -> TokenizedData`` of ``--data`` formatted by the flags."""
-    from .data import Formatting, load_rows, tokenize_dataset
+def _tokenizer_data(args: argparse.Namespace, min_rows: int = 1) -> Any:
+    """A function ``tokenizer -> TokenizedData`` of ``--data`` formatted by the flags; the
+    rows are read (and checked: at least ``min_rows``) now, before any model loads."""
+    from .data import Formatting, format_rows, load_rows, tokenize_dataset
+    from .utils.errors import DataError
 
     fmt = Formatting.from_config(args)
     fmt.validate()
     dataset = load_rows(args.data, args.split)
+    if len(dataset) < min_rows:
+        raise DataError(
+            f"--data {args.data} has {len(dataset)} row(s); {args.command} needs at least "
+            f"{min_rows}"
+        )
+    if not fmt.chat_template and not fmt.messages_field:
+        format_rows(dataset, fmt)  # a bad row or field fails now
 
     def tokenized(tokenizer: Any) -> Any:
         return tokenize_dataset(dataset, tokenizer, fmt, args.max_length, args.truncation_side)
@@ -233,6 +242,13 @@ def run_derive(args: argparse.Namespace, argv: Sequence[str]) -> int:
         seed=args.seed,
     )
     settings.validate()  # before loading anything
+    from .models.load import check_model_name
+
+    check_model_name(args.model)
+    if args.out:
+        from .utils.runfolder import check_out_folder
+
+        check_out_folder(args.out, "derive")
     target: Any = args.model
     data = None
     if args.data:
@@ -260,10 +276,20 @@ def run_derive(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
 def run_agree(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from .models import load_model
-    from .proxies.agree import agreement
-    from .proxies.derive import is_derive_spec, resolve_derived
+    from .models.load import check_model_name
+    from .proxies.agree import MIN_ROWS, agreement
+    from .proxies.derive import is_derive_spec, parse_derive_spec, resolve_derived
+    from .utils.interrupt import Interrupted
 
-    tokenized = _tokenizer_data(args)
+    if args.rows < MIN_ROWS:
+        raise ConfigError(f"--rows must be >= {MIN_ROWS} to compare rankings, got {args.rows}")
+    check_model_name(args.target)
+    if is_derive_spec(args.small):
+        parse_derive_spec(args.small)
+    else:
+        check_model_name(args.small)
+    # Spearman of fewer than MIN_ROWS rows is undefined: refused before any model loads.
+    tokenized = _tokenizer_data(args, min_rows=MIN_ROWS)
     small: Any = args.small
     target: Any = args.target
     if is_derive_spec(args.small):
@@ -277,17 +303,22 @@ def run_agree(args: argparse.Namespace, argv: Sequence[str]) -> int:
                 max_batch_tokens=args.max_batch_tokens,
             )
         )
-    report = agreement(
-        small,
-        target,
-        tokenized,
-        rows=args.rows,
-        regions=args.regions,
-        seed=args.seed,
-        max_batch_tokens=args.max_batch_tokens,
-        dtype=args.dtype,
-        device=args.device,
-    )
+    try:
+        report = agreement(
+            small,
+            target,
+            tokenized,
+            rows=args.rows,
+            regions=args.regions,
+            seed=args.seed,
+            max_batch_tokens=args.max_batch_tokens,
+            dtype=args.dtype,
+            device=args.device,
+        )
+    except Interrupted as stop:
+        # A resumed half would measure the cost per token on part of the rows only.
+        stop.nothing_kept("agree keeps no partial scores")
+        raise
     print(report.format())
     return 0
 

@@ -165,6 +165,13 @@ class SelectConfig:
         default="left",
         metadata=_help("which end of the prompt to cut", bench="data.truncation_side"),
     )
+    dedupe: bool = field(
+        default=False,
+        metadata=_help(
+            "select among the first occurrence of each repeated row only (rows equal in "
+            "every field); the coreset's indices stay those of --data"
+        ),
+    )
     small_adapter: str | None = field(
         default=None, metadata=_help("use this LoRA adapter instead of tuning the small model")
     )
@@ -282,8 +289,16 @@ class SelectConfig:
         check_literals(self)
         if self.max_length < 3:
             raise ConfigError(f"--max-length must be >= 3, got {self.max_length}")
-        if self.small_epochs < 0 or self.target_epochs < 0:
-            raise ConfigError("--small-epochs and --target-epochs must be >= 0")
+        for flag, epochs in (
+            ("--small-epochs", self.small_epochs),
+            ("--target-epochs", self.target_epochs),
+        ):
+            if not epochs > 0:
+                # 0 epochs would score with a fresh LoRA adapter, silently untuned.
+                raise ConfigError(
+                    f"{flag} must be > 0, got {epochs}; for scores of an untuned model use "
+                    "--method perplexity --perplexity-model untuned or staff-target-only"
+                )
         if self.max_batch_tokens < 1:
             raise ConfigError(f"--max-batch-tokens must be >= 1, got {self.max_batch_tokens}")
         if self.checkpoint_seconds <= 0:
@@ -294,6 +309,12 @@ class SelectConfig:
         self.train.validate()
         if not 0 < self.token_keep <= 1:
             raise ConfigError(f"--token-keep must be in (0, 1], got {self.token_keep}")
+        if self.dedupe and self.token_keep < 1:
+            # Token masks are saved by row of the data selected from, not of the file.
+            raise ConfigError(
+                "--dedupe with --token-keep below 1 is not supported: remove the repeated "
+                "rows from the file instead"
+            )
         self.method_settings.validate()
         # Settings given for other methods are checked too: a typo'd value fails now.
         for name in method_names():
@@ -424,7 +445,10 @@ def parse_select_args(
 ) -> SelectConfig:
     """Flags (and, before them, a YAML ``config_file``: flags win) → :class:`SelectConfig`."""
     if config_file:
-        argv = yaml_to_args(config_file) + list(argv)
+        from_file = yaml_to_args(config_file)
+        # The file's values alone first: a wrong type in it names the file.
+        parse_select_args(from_file, source=f"--config {config_file}")
+        argv = from_file + list(argv)
     try:
         (args,) = select_parser().parse_args_into_dataclasses(args=argv)
     except ConfigError as err:

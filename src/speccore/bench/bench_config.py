@@ -253,6 +253,21 @@ class BenchConfig:
             self.select_config(name, 0.5, 0).validate()
 
 
+def check_bench_folder(cfg: BenchConfig) -> None:
+    """Before a bench writes anything: its folder is new, empty or a bench's (never a folder
+    of the user's own files), and writable; every model name resolves (a misspelt alias, a
+    missing folder, an offline hub name fail now, not in the first cell)."""
+    from ..models.load import check_model_name
+    from ..utils.runfolder import check_out_folder
+
+    check_out_folder(cfg.folder, "bench", flag="out", replaces=False)
+    smalls = [v.get("small") for v in cfg.variants.values()]
+    names = {str(n) for n in (cfg.models.target, cfg.models.small, *smalls) if n}
+    for name in sorted(names):
+        if not name.startswith("derive:"):
+            check_model_name(name)
+
+
 def _validate_top(cfg: BenchConfig) -> None:
     if not cfg.out:
         raise ConfigError("out is required: the bench folder for results, tables and plots")

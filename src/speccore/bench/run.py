@@ -35,7 +35,8 @@ from ..utils import interrupt
 from ..utils.errors import ConfigError, DataError
 from ..utils.io import atomic_open, fingerprint, write_json
 from ..utils.progress import progress
-from .bench_config import THROUGHPUT_ONLY, BenchConfig, load_bench_config
+from ..utils.runfolder import write_marker
+from .bench_config import THROUGHPUT_ONLY, BenchConfig, check_bench_folder, load_bench_config
 from .generate import generate
 from .metrics import evaluate_rows, reference_nll_rows
 from .report import collect_rows, write_reports
@@ -168,16 +169,20 @@ class BenchRunner:
     # --- the loop ------------------------------------------------------------------------
 
     def run(self, plots: bool = True) -> BenchResult:
-        self.folder.mkdir(parents=True, exist_ok=True)
+        check_bench_folder(self.cfg)
         done = load_cells(self.folder)
         check_settings(done, self.settings, self.folder, self.token_settings)
-        write_json(
-            self.folder / "bench_config.json", {"settings": self.settings, **_plan(self.cfg)}
-        )
         cells = plan_cells(self.cfg)
         todo = [c for c in cells if c.name not in done]
         if todo:
-            _ = self.data  # the training subset the selections read exists before any cell
+            # Before anything is written: a missing or bad data file leaves no folder behind.
+            # The training subset the selections read exists before any cell.
+            _ = self.data
+        self.folder.mkdir(parents=True, exist_ok=True)
+        write_marker(self.folder, "bench")
+        write_json(
+            self.folder / "bench_config.json", {"settings": self.settings, **_plan(self.cfg)}
+        )
         result = BenchResult(self.folder, [], skipped=[c.name for c in cells if c.name in done])
         if result.skipped:
             logger.info(
@@ -408,12 +413,15 @@ def prepare_data(cfg: BenchConfig) -> BenchData:
     """Load (and subset) training and evaluation rows; write the training subset the selections
     read into the bench folder."""
     d = cfg.data
-    train = take_rows(load_rows(d.train, d.split), d.train_rows, d.row_sampling, d.data_seed)
-    if d.train_rows is not None:
-        write_rows(Path(cfg.train_path()), train)
-    evaluation = load_rows(d.eval, d.eval_split)
+    train = load_rows(d.train, d.split, flag="data.train", split_flag="data.split")
+    train = take_rows(train, d.train_rows, d.row_sampling, d.data_seed)
+    # "validation", the default, names no split of a plain file: only another name is refused.
+    eval_split_flag = None if d.eval_split == "validation" else "data.eval_split"
+    evaluation = load_rows(d.eval, d.eval_split, flag="data.eval", split_flag=eval_split_flag)
     evaluation = take_rows(evaluation, d.eval_rows, d.row_sampling, d.data_seed)
     references = reference_texts(evaluation, d.reference_fields())
+    if d.train_rows is not None:  # written once both files are known to be good
+        write_rows(Path(cfg.train_path()), train)
     logger.info("bench data: %d training rows, %d evaluation rows", len(train), len(evaluation))
     return BenchData(train, evaluation, references)
 

@@ -120,35 +120,55 @@ def _open_binary(path: Path) -> IO[bytes]:
 # ---------------------------------------------------------------------------------------------
 
 
-def load_rows(source: str, split: str = "train") -> datasets.Dataset:
+def load_rows(
+    source: str,
+    split: str = "train",
+    *,
+    flag: str = "--data",
+    split_flag: str | None = "--split",
+) -> datasets.Dataset:
     """Load the rows of ``source`` as a :class:`datasets.Dataset`.
 
     ``source`` is a JSONL, JSON (a list of objects, or one object per line), CSV or Parquet file,
     each optionally gzipped (``train.jsonl.gz``); a ``datasets.save_to_disk`` folder (``split``
     picks from a DatasetDict); or a hub dataset name loaded with ``datasets.load_dataset``.
-    Raises :class:`DataError` for a missing file, a malformed line or an empty dataset.
+    Raises :class:`DataError` for a missing file, a malformed line or an empty dataset, naming
+    ``flag`` (the flag or key that gave ``source``). A plain file has one set of rows, called
+    "train": another ``split`` is refused, naming ``split_flag`` (None: any split is ignored,
+    for a caller whose default split name a file cannot have).
     """
     fmt = data_format(source)
     path = Path(source).expanduser()
     if fmt in ("jsonl", "json", "csv", "parquet"):
         if not path.is_file():
-            raise DataError(f"{source}: no such file; check the --data path")
+            raise DataError(f"{source}: no such file; check the {flag} path")
+        _check_file_split(source, split, split_flag)
         try:
             dataset = _FILE_LOADERS[fmt](path)
         except _UNREADABLE as e:  # e.g. a corrupt, truncated or mislabelled .gz file
             raise _unreadable(source, e) from None
     elif fmt == "dataset":
-        dataset = _load_saved(path, split)
+        dataset = _load_saved(path, split, flag, split_flag or "--split")
     elif path.is_file():
         raise DataError(
             f"{source}: unknown file type; use .jsonl, .json, .csv or .parquet (optionally .gz)"
         )
     else:
-        dataset = _load_hub(source, split)
+        dataset = _load_hub(source, split, flag)
     if dataset.num_rows == 0:
         raise DataError(f"no rows in {source}; give a file or split with at least one row")
     logger.info("loaded %d rows (%s) from %s", dataset.num_rows, fmt, source)
     return dataset
+
+
+def _check_file_split(source: str, split: str, split_flag: str | None) -> None:
+    """A plain file has no splits: only the default name, "train", means its rows."""
+    if split_flag is not None and split != "train":
+        raise DataError(
+            f"{split_flag} {split}: {source} is a plain file with one set of rows and no "
+            f"splits; leave {split_flag} out, or use a saved dataset or hub dataset that has "
+            f"a {split!r} split"
+        )
 
 
 def _load_jsonl(path: Path) -> datasets.Dataset:
@@ -374,12 +394,12 @@ def _check_column_types(path: Path, name: str, values: list[Any], where: list[st
         ) from None
 
 
-def _load_saved(path: Path, split: str) -> datasets.Dataset:
+def _load_saved(path: Path, split: str, flag: str, split_flag: str) -> datasets.Dataset:
     """Load a ``datasets.save_to_disk`` folder; a DatasetDict gives its ``split``."""
     if not any((path / marker).is_file() for marker in _SAVED_MARKERS):
         raise DataError(
             f"{path}: a folder but not a datasets.save_to_disk folder; "
-            "point --data at a .jsonl/.json/.csv/.parquet file or a saved dataset"
+            f"point {flag} at a .jsonl/.json/.csv/.parquet file or a saved dataset"
         )
     try:
         loaded = datasets.load_from_disk(str(path))
@@ -388,24 +408,87 @@ def _load_saved(path: Path, split: str) -> datasets.Dataset:
     if isinstance(loaded, datasets.DatasetDict):
         if split not in loaded:
             splits = ", ".join(sorted(loaded)) or "none"
-            raise DataError(f"{path}: no split '{split}' (splits: {splits}); pick one with --split")
+            raise DataError(
+                f"{path}: no split '{split}' (splits: {splits}); pick one with {split_flag}"
+            )
         return loaded[split]
     return loaded
 
 
-def _load_hub(name: str, split: str) -> datasets.Dataset:
+def _load_hub(name: str, split: str, flag: str) -> datasets.Dataset:
     """Load ``name`` from the Hugging Face hub (needs a network)."""
+    check_hub_dataset(name, flag)
     try:
         loaded = datasets.load_dataset(name, split=split)
     except Exception as e:  # any failure (network, auth, unknown name) means the same to the user
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise DataError(
             f"{name}: no such file or folder here, and loading it as a hub dataset failed "
-            f"({reason}); check the --data path"
+            f"({_first_line(e)}); check the {flag} path"
         ) from None
     if not isinstance(loaded, datasets.Dataset):
         raise DataError(f"{name}: the hub returned {type(loaded).__name__}, expected one split")
     return loaded
+
+
+# One request to the hub, no retries: how long to wait for an answer before calling it offline.
+_HUB_TIMEOUT_S = 10.0
+
+
+def check_hub_dataset(name: str, flag: str = "--data") -> None:
+    """Before ``datasets.load_dataset`` (which retries for half a minute on a dead network):
+    a dataset already cached passes; with ``HF_HUB_OFFLINE`` set any other fails at once;
+    else one request without retries asks the hub whether it exists. As for hub models
+    (:func:`speccore.models.load.check_model_name`), each failure is one :class:`DataError`."""
+    from huggingface_hub import HfApi, constants
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        HFValidationError,
+        RepositoryNotFoundError,
+    )
+
+    from ..utils.io import hub_offline
+
+    not_here = f"{flag} {name}: no such file or folder here"
+    if _hub_dataset_cached(name):
+        return  # datasets loads it from its cache without a network
+    if hub_offline():
+        raise DataError(
+            f"{not_here}, and as a hub dataset it is not in the local cache while "
+            "HF_HUB_OFFLINE is set: unset it to download the dataset, or pass a local file"
+        )
+    try:
+        HfApi(endpoint=constants.ENDPOINT).dataset_info(name, timeout=_HUB_TIMEOUT_S)
+    except HFValidationError:
+        raise DataError(f"{not_here}, and it is not a hub dataset name; check the path") from None
+    except GatedRepoError:
+        return  # it exists; loading uses the user's token and says if access is missing
+    except RepositoryNotFoundError:
+        raise DataError(
+            f"{not_here}, and no such dataset on the hub (or it is private: log in with "
+            "`hf auth login`); check the path or the name"
+        ) from None
+    except HfHubHTTPError as e:  # the hub answered, with some other error: loading will tell
+        logger.warning("could not check dataset %r on the hub: %s", name, _first_line(e))
+    except Exception as e:  # no answer at all: connection refused, no DNS, a timeout
+        raise DataError(
+            f"{not_here}, and the Hugging Face hub at {constants.ENDPOINT} cannot be reached "
+            f"({_first_line(e)}); this machine looks offline: pass a local file, or set "
+            "HF_HUB_OFFLINE=1 to use datasets already in the local cache"
+        ) from None
+
+
+def _hub_dataset_cached(name: str) -> bool:
+    """Whether the hub cache or the ``datasets`` cache holds some of dataset ``name``."""
+    from huggingface_hub import constants
+
+    hub = Path(constants.HF_HUB_CACHE) / f"datasets--{name.replace('/', '--')}"
+    own = Path(datasets.config.HF_DATASETS_CACHE) / name.replace("/", "___")
+    return hub.is_dir() or own.is_dir()
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 # ---------------------------------------------------------------------------------------------

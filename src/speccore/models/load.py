@@ -482,11 +482,9 @@ _HUB_TIMEOUT_S = 10.0
 
 def _hub_offline() -> bool:
     """``HF_HUB_OFFLINE`` (or ``TRANSFORMERS_OFFLINE``), as set now or when the hub was imported."""
-    from huggingface_hub import constants
+    from ..utils.io import hub_offline
 
-    flags = (os.environ.get("HF_HUB_OFFLINE"), os.environ.get("TRANSFORMERS_OFFLINE"))
-    from_env = any(f is not None and f.strip().upper() in {"1", "ON", "YES", "TRUE"} for f in flags)
-    return bool(constants.HF_HUB_OFFLINE) or from_env
+    return hub_offline()
 
 
 def _check_hub_model(repo_id: str) -> None:

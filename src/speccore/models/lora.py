@@ -126,6 +126,20 @@ def save_adapter(peft_model: Any, path: str | os.PathLike[str]) -> Path:
     return path
 
 
+def check_adapter_folder(path: str | os.PathLike[str], flag: str = "adapter") -> Path:
+    """``path`` if it is a folder holding a saved adapter; else a :class:`ModelError` saying
+    what is wrong (it does not exist, is not a folder, or has no adapter_config.json)."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise ModelError(f"{flag} {str(path)!r} does not exist; check the path")
+    if not (path / "adapter_config.json").is_file():
+        raise ModelError(
+            f"{flag} {str(path)!r} has no adapter_config.json: pass a folder written by "
+            "speccore (or peft's save_pretrained)"
+        )
+    return path
+
+
 def load_adapter(model: nn.Module, path: str | os.PathLike[str]) -> Any:
     """Load a saved LoRA adapter onto ``model`` (trainable, so it can be scored or tuned on).
 
@@ -133,12 +147,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike[str]) -> Any:
     """
     from peft import PeftModel
 
-    path = Path(path)
-    if not (path / "adapter_config.json").is_file():
-        raise ModelError(
-            f"adapter {str(path)!r} has no adapter_config.json: pass a folder written by "
-            "speccore (or peft's save_pretrained)"
-        )
+    path = check_adapter_folder(path)
     with seeded(0, model), _quiet_peft():
         try:
             peft_model = PeftModel.from_pretrained(model, str(path), is_trainable=True)

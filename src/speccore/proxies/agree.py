@@ -21,10 +21,13 @@ import numpy as np
 
 from ..config import LoraSettings
 from ..data.batches import TokenizedData
-from ..selection.agreement import rand_index, spearman
+from ..selection.agreement import MIN_SAMPLES, rand_index, spearman
 from ..utils.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
+
+#: Fewest rows agreement is measured on (Spearman's minimum; the Rand index needs 2).
+MIN_ROWS = MIN_SAMPLES
 
 AgreementData = TokenizedData | tuple[TokenizedData, TokenizedData] | Callable[[Any], TokenizedData]
 
@@ -129,6 +132,7 @@ def agreement(
     if regions < 1:
         raise ConfigError(f"--regions must be >= 1, got {regions}")
     options = _options(rows, seed, scores, lora, lora_seed, max_batch_tokens, dtype, device)
+    _check_row_count(data)
     small_run = _score_model(small, data, 0, options, None)
     target_run = _score_model(target, data, 1, options, small_run)
     return compare(small_run, target_run, regions=regions)
@@ -168,8 +172,8 @@ def _options(
     device: str,
 ) -> _Options:
     """The scoring options both sides share, checked."""
-    if rows < 2:
-        raise ConfigError(f"--rows must be >= 2 to compare rankings, got {rows}")
+    if rows < MIN_ROWS:
+        raise ConfigError(f"--rows must be >= {MIN_ROWS} to compare rankings, got {rows}")
     if not scores:
         raise ConfigError("pass at least one score to compare (effort, loss)")
     return _Options(
@@ -182,6 +186,16 @@ def _options(
         dtype,
         device,
     )
+
+
+def _check_row_count(data: AgreementData) -> None:
+    """Tokenised data too short to rank is refused before a model loads (a function of the
+    tokenizer is checked once it has run)."""
+    sizes = [len(d) for d in (data if isinstance(data, tuple) else (data,)) if not callable(d)]
+    if sizes and min(sizes) < MIN_ROWS:
+        raise DataError(
+            f"the data has {min(sizes)} row(s); comparing rankings needs at least {MIN_ROWS}"
+        )
 
 
 def compare(small: ScoredRows, target: ScoredRows, *, regions: int = 10) -> AgreementReport:
@@ -278,8 +292,10 @@ def _score_model(
     else:
         loaded = load_model(model, dtype=opt.dtype, device=opt.device)
     tokens_data = _data_for(data, side, loaded.tokenizer)
-    if len(tokens_data) == 0:
-        raise DataError("no rows to compare the models on: the data is empty")
+    if len(tokens_data) < MIN_ROWS:
+        raise DataError(
+            f"the data has {len(tokens_data)} row(s); comparing rankings needs at least {MIN_ROWS}"
+        )
     if small is not None:
         _check_pair(small, loaded, len(tokens_data), data)
     scores = opt.scores

@@ -69,7 +69,9 @@ from ..utils import interrupt
 from ..utils.cache import SCORER_VERSIONS, cache_key
 from ..utils.errors import ConfigError, ModelError
 from ..utils.io import cache_root, copy_tree, make_temp_dir, write_json
+from ..utils.locks import file_lock
 from ..utils.progress import progress
+from ..utils.runfolder import check_out_folder, is_empty_dir, write_marker
 from .agree import sample_rows
 
 logger = logging.getLogger(__name__)
@@ -258,20 +260,27 @@ def derive_model(
     used = data if settings.needs_data else None
     key = derivation_key(source.identity, settings, teacher_dtype, device_type, used)
     folder = cache_root() / "derived" / key
-    if out is not None and Path(out).exists() and not _is_derivation(Path(out), key):
+    if out is not None:
+        check_out_folder(out, "derive")  # a file, a parent that is a file, the user's files
+    if out is not None and _other_derivation(Path(out), key):
         # Before any work: an hour of healing must not end in this error.
         raise ConfigError(
-            f"--out {out} already exists and holds something else; remove it or pass another folder"
+            f"--out {out} already holds another derived model; remove it or pass another folder"
         )
     if _is_derivation(folder, key):
         logger.info("derived model from cache: %s", folder)
-    else:
-        loaded = (
-            target
-            if isinstance(target, LoadedModel)
-            else load_model(target, dtype=dtype, device=device)
-        )
-        _build_folder(loaded, settings, used, key, folder, max_batch_tokens)
+        return folder if out is None else _copy_out(folder, Path(out), key)
+    # One process derives; another one asking for the same model waits, then reuses it.
+    with file_lock(cache_root() / "locks" / f"{key}.lock", "the derived model"):
+        if _is_derivation(folder, key):
+            logger.info("derived model from cache (made meanwhile): %s", folder)
+        else:
+            loaded = (
+                target
+                if isinstance(target, LoadedModel)
+                else load_model(target, dtype=dtype, device=device)
+            )
+            _build_folder(loaded, settings, used, key, folder, max_batch_tokens)
     return folder if out is None else _copy_out(folder, Path(out), key)
 
 
@@ -759,10 +768,17 @@ def _copy_out(folder: Path, out: Path, key: str) -> Path:
     # Copied into a private folder first, then renamed: a reader never sees half a model.
     tmp = make_temp_dir(out.parent, f".{out.name}.")
     try:
-        os.rename(copy_tree(folder, tmp / "model"), out)
+        copy = copy_tree(folder, tmp / "model")
+        write_marker(copy, "derive")
+        os.rename(copy, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def _other_derivation(folder: Path, key: str) -> bool:
+    """Whether ``folder`` exists, is not empty and holds another derivation than ``key``."""
+    return folder.is_dir() and not is_empty_dir(folder) and not _is_derivation(folder, key)
 
 
 def _is_derivation(folder: Path, key: str) -> bool:
@@ -986,6 +1002,12 @@ def parse_layers(text: str, where: str = "--layers") -> int | float:
             f"{where}: layers {text!r} is not a number; write a fraction such as 0.33 or a "
             "count such as 10"
         ) from None
+    if value.is_integer() and not text.strip().lstrip("+-").isdigit():
+        # "1.0" reads as a fraction (all layers) to some and as one layer to others.
+        raise ConfigError(
+            f"{where}: layers {text!r} is ambiguous; write {int(value)} for {int(value)} "
+            f"layer{'s' if int(value) != 1 else ''} (a count), or a fraction below 1 such as 0.5"
+        )
     return int(value) if value.is_integer() else value
 
 

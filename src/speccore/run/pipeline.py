@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.metadata
+import json
 import logging
 import os
 import platform
@@ -20,11 +21,14 @@ from collections.abc import Collection, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from ..config import SelectConfig, coreset_size
 from ..data import Formatting, format_rows, load_rows, write_coreset
 from ..selection import ModelWork, Selection, get_method
 from ..utils.errors import ConfigError, DataError
 from ..utils.io import atomic_open
+from ..utils.runfolder import check_out_contents, check_out_path, write_marker
 from .provider import ModelProvider
 from .summary import describe, summary_text
 
@@ -73,18 +77,23 @@ def select_with_tokens(
     cfg = config if config is not None else SelectConfig.from_dict(settings)
     start = time.perf_counter()
     dataset = preflight(cfg)
-    budget = coreset_size(len(dataset), cfg.prune_rate)
+    # With --dedupe the method sees the first occurrence of each row only.
+    rows = distinct_rows(dataset) if cfg.dedupe else None
+    work = dataset if rows is None else dataset.select(rows.tolist())
+    budget = coreset_size(len(work), cfg.prune_rate)
     if cfg.dry_run:  # estimates only: info["dry_run"]; no coreset, nothing written
         from .dryrun import dry_run_selection
 
-        return dry_run_selection(cfg, dataset, budget), None
-    declared = get_method(cfg.method).requests(cfg, len(dataset))
+        return dry_run_selection(cfg, work, budget), None
+    declared = get_method(cfg.method).requests(cfg, len(work))
     with (
         run_lock(cfg.out),
-        ModelProvider(cfg, dataset, pool, declared=declared, expect=expect) as provider,
+        ModelProvider(cfg, work, pool, declared=declared, expect=expect) as provider,
     ):
         check_chat_formats(cfg, provider)
         selection, tokens = _run(cfg, provider, budget)
+        if rows is not None:
+            to_file_rows(selection, rows, len(dataset))
         selection.timings["total"] = round(time.perf_counter() - start, 4)
         if cfg.out:
             write_run(cfg, dataset, selection, provider, tokens)
@@ -136,6 +145,11 @@ def preflight(cfg: SelectConfig) -> Any:
         logger.info("no --out: the coreset is returned but nothing is written")
     dataset = load_rows(cfg.data, cfg.split)
     check_rows(dataset, cfg)
+    if cfg.dedupe:
+        check_inputs(cfg, len(distinct_rows(dataset)))
+    else:
+        warn_duplicates(dataset)
+        check_inputs(cfg, len(dataset))
     return dataset
 
 
@@ -152,33 +166,23 @@ def check_models(cfg: SelectConfig, needs: tuple[str, ...]) -> None:
             raise ConfigError(f"--{role} is required for method {cfg.method!r}")
         if not name.startswith("derive:"):
             check_model_name(name)
-    if cfg.small and cfg.small.startswith("derive:") and not cfg.target:
-        raise ConfigError(f"--small {cfg.small} derives the small model from --target: set it")
+    if cfg.small and cfg.small.startswith("derive:"):
+        if not cfg.target:
+            raise ConfigError(f"--small {cfg.small} derives the small model from --target: set it")
+        from ..proxies.derive import parse_derive_spec
+
+        parse_derive_spec(cfg.small)  # its layers and keys, before the target loads
 
 
 def check_out(cfg: SelectConfig) -> None:
-    """The run folder can be written, holds no other run (unless ``overwrite``), and no input
-    lives in it (the run replaces the folder as a whole)."""
-    out = Path(str(cfg.out)).expanduser()
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out} is a file; pass a folder for the run's outputs")
-    parent = _existing_parent(out)
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise ConfigError(f"--out {out}: cannot write in {parent} (permission denied)")
+    """The run folder can be written, is not the working directory (or a parent of it), is
+    new, empty or a speccore run (replaced only with ``overwrite``), and no input lives in it
+    (the run replaces the folder as a whole)."""
+    out = check_out_path(str(cfg.out), replaces=True)
     for flag, value in (("--data", cfg.data), ("--scores", cfg.scores)):
         _refuse_inside(flag, value, out)
     _refuse_inside("--small-adapter", cfg.small_adapter, out)
-    if out.is_dir() and any(out.iterdir()) and not cfg.overwrite:
-        raise ConfigError(
-            f"--out {out} already holds a run; pass --overwrite to replace it, or another --out"
-        )
-
-
-def _existing_parent(path: Path) -> Path:
-    for p in [path, *path.parents]:
-        if p.exists():
-            return p
-    return Path.cwd()
+    check_out_contents(out, "select", overwrite=cfg.overwrite)
 
 
 def _refuse_inside(flag: str, value: str | None, out: Path) -> None:
@@ -207,6 +211,61 @@ def check_rows(dataset: Any, cfg: SelectConfig) -> None:
     fmt = Formatting.from_config(cfg)
     if not fmt.chat_template and not fmt.messages_field:
         format_rows(dataset, fmt)
+
+
+def check_inputs(cfg: SelectConfig, n: int) -> None:
+    """``--small-adapter`` is an adapter folder and ``--scores`` holds one finite score for
+    each of the ``n`` rows selected from, before any model loads."""
+    if cfg.small_adapter:
+        from ..models.lora import check_adapter_folder
+
+        check_adapter_folder(cfg.small_adapter, "--small-adapter")
+    if cfg.scores:
+        from ..selection.scores_file import load_scores_file
+
+        load_scores_file(cfg.scores, n)
+
+
+def distinct_rows(dataset: Any) -> np.ndarray:
+    """Indices of the first occurrence of every distinct row (rows equal in every field)."""
+    return np.array(sorted(_first_occurrences(dataset).values()), dtype=np.int64)
+
+
+def _first_occurrences(dataset: Any) -> dict[str, int]:
+    first: dict[str, int] = {}
+    for i, row in enumerate(dataset):
+        first.setdefault(json.dumps(row, sort_keys=True, default=str), i)
+    return first
+
+
+def warn_duplicates(dataset: Any) -> bool:
+    """Log how many rows repeat an earlier one and where (1-based); whether any do."""
+    first = _first_occurrences(dataset)
+    if len(first) == len(dataset):
+        return False
+    keep = set(first.values())
+    repeats = [i for i in range(len(dataset)) if i not in keep]
+    shown = ", ".join(str(i + 1) for i in repeats[:5]) + (", …" if len(repeats) > 5 else "")
+    logger.warning(
+        "%d of %d rows repeat an earlier row (rows %s, 1-based); they count as separate "
+        "samples: pass --dedupe to select among the first occurrences only",
+        len(repeats),
+        len(dataset),
+        shown,
+    )
+    return True
+
+
+def to_file_rows(selection: Selection, rows: np.ndarray, n_file: int) -> None:
+    """Turn a selection made on the distinct rows ``rows`` (``--dedupe``) into indices of the
+    input file; ``scores`` and ``regions`` stay per distinct row, listed in
+    ``info["dedupe"]["distinct_rows"]``."""
+    selection.info["dedupe"] = {
+        "distinct_rows": rows.tolist(),
+        "duplicates_dropped": n_file - len(rows),
+    }
+    selection.indices = rows[selection.indices]
+    selection.n_total = n_file
 
 
 def check_chat_formats(cfg: SelectConfig, provider: ModelProvider) -> None:
@@ -284,6 +343,7 @@ def write_run(
         selection.save(tmp / "selection.json")
         with atomic_open(tmp / "summary.txt") as f:
             f.write(summary_text(selection) + "\n")
+        write_marker(tmp, "select")
         _replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

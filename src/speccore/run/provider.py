@@ -210,12 +210,6 @@ class ModelSlot:
         model = self.peft
         if self.adapter_path is not None and rows is None:
             return model  # the user's adapter is the tuned state
-        from peft import set_peft_model_state_dict
-        from safetensors.torch import load_file
-
-        from ..models import save_adapter
-        from ..train import finetune
-
         settings = self.cfg.train_settings(epochs)
         key = self.key(
             "adapter",
@@ -230,6 +224,28 @@ class ModelSlot:
         if self.state == f"tuned:{key}":
             return model
         self.use_fresh()
+        with self.cache.lock(key, f"the {self.role} model's adapter"):
+            self._tune_or_load(model, key, folder, settings, rows)
+        self.state = f"tuned:{key}"
+        if rows is None:
+            self.tuned_adapter_dir = folder
+        return model
+
+    def _tune_or_load(
+        self,
+        model: PeftModel,
+        key: str,
+        folder: Path,
+        settings: TrainSettings,
+        rows: np.ndarray | None,
+    ) -> None:
+        """The cached adapter ``key``, or a fine-tune that caches it (under its lock)."""
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        from ..models import save_adapter
+        from ..train import finetune
+
         if self.cache.enabled and self.cache.has_adapter(key):
             logger.info("%s adapter from cache: %s", self.role, folder)
             set_peft_model_state_dict(model, load_file(str(folder / "adapter_model.safetensors")))
@@ -252,10 +268,6 @@ class ModelSlot:
                 )
             save_adapter(model, folder)
             shutil.rmtree(self.cache.finetune_checkpoint(key), ignore_errors=True)
-        self.state = f"tuned:{key}"
-        if rows is None:
-            self.tuned_adapter_dir = folder
-        return model
 
     def adapter_fp(self) -> str:
         from ..models import adapter_fingerprint
@@ -385,24 +397,49 @@ class CachedScorer:
         cached = cache.get_full(key) if cache.enabled else None
         if cached is not None:
             return cached
-        with slot.timer.stage(stage):
-            values = self._engine()(slot.request(score, key, None, cache.checkpoint_path(key)))
-        cache.put_full(key, values)
+        with cache.lock(key, f"{score} scores on the {slot.role} model"):
+            # Another process may have computed them while this one waited.
+            cached = cache.get_full(key) if cache.enabled else None
+            if cached is not None:
+                return cached
+            with slot.timer.stage(stage):
+                request = slot.request(score, key, None, cache.checkpoint_path(key))
+                values = self._engine()(request)
+            cache.put_full(key, values)
         return values
 
     def some(self, score: str, indices: np.ndarray, stage: str) -> np.ndarray:
         slot, cache = self.slot, self.slot.cache
         key = self.key(score)
         known = cache.get_partial(key) if cache.enabled else {}
+        if any(i not in known for i in indices.tolist()):
+            with cache.lock(key, f"{score} scores of some samples on the {slot.role} model"):
+                known = self._add_missing(score, key, indices, stage)
+        return np.array([known[i] for i in indices.tolist()], dtype=np.float64)
+
+    def _add_missing(
+        self, score: str, key: str, indices: np.ndarray, stage: str
+    ) -> dict[int, float]:
+        """The cached scores under ``key`` with those of ``indices`` added (under its lock:
+        read again, as another process may have added some)."""
+        slot, cache = self.slot, self.slot.cache
+        known = cache.get_partial(key) if cache.enabled else {}
         missing = np.array([i for i in indices.tolist() if i not in known], dtype=np.int64)
         if len(missing):
+            logger.info(
+                "scoring %s of %d samples on the %s model (%d already in the cache)",
+                score,
+                len(missing),
+                slot.role,
+                len(indices) - len(missing),
+            )
             checkpoint = cache.partial_checkpoint_path(key)
             with slot.timer.stage(stage):
                 values = self._engine()(slot.request(score, key, missing, checkpoint))
             known.update(zip(missing.tolist(), values.tolist(), strict=True))
             cache.put_partial(key, known)
             checkpoint.unlink(missing_ok=True)
-        return np.array([known[i] for i in indices.tolist()], dtype=np.float64)
+        return known
 
     def vectors(self, output: str, stage: str) -> np.ndarray:
         """A vector output (embeddings) of every sample, cached."""
@@ -413,15 +450,19 @@ class CachedScorer:
         cached = cache.get_full(key) if cache.enabled else None
         if cached is not None:
             return cached
-        with slot.timer.stage(stage):
-            values = embed_samples(
-                slot.peft,
-                slot.data,
-                max_batch_tokens=slot.cfg.max_batch_tokens,
-                desc=f"{output} on {slot.role}",
-                output=output,
-            )
-        cache.put_full(key, values)
+        with cache.lock(key, f"{output} on the {slot.role} model"):
+            cached = cache.get_full(key) if cache.enabled else None
+            if cached is not None:
+                return cached
+            with slot.timer.stage(stage):
+                values = embed_samples(
+                    slot.peft,
+                    slot.data,
+                    max_batch_tokens=slot.cfg.max_batch_tokens,
+                    desc=f"{output} on {slot.role}",
+                    output=output,
+                )
+            cache.put_full(key, values)
         return values
 
 

@@ -38,6 +38,7 @@ def load_scores_file(path: str, n: int) -> np.ndarray:
     bad = np.flatnonzero(~np.isfinite(values))
     if len(bad):
         raise DataError(
-            f"--scores: score of row {int(bad[0])} is {values[bad[0]]}; scores must be finite"
+            f"--scores: score of row {int(bad[0]) + 1} (1-based) is {values[bad[0]]}; "
+            "scores must be finite"
         )
     return values

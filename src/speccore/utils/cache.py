@@ -10,6 +10,7 @@ a bfloat16 GPU score is never served to a float32 CPU run, and bumping a version
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 import tempfile
@@ -19,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from .io import cache_root, fingerprint, load_npz, save_npz
+from .locks import file_lock
 
 logger = logging.getLogger(__name__)
 
@@ -92,6 +94,14 @@ class ScoreCache:
     def __del__(self) -> None:
         if not getattr(self, "enabled", True):
             shutil.rmtree(self._tmp, ignore_errors=True)
+
+    def lock(self, key: str, what: str) -> contextlib.AbstractContextManager[None]:
+        """Hold entry ``key``'s lock while computing it (``what`` names it in the log): a
+        second process that needs it waits, then reads it from the cache. No lock without a
+        cache: nothing is shared."""
+        if not self.enabled:
+            return contextlib.nullcontext()
+        return file_lock(self.root / "locks" / f"{key}.lock", what)
 
     def adapter_dir(self, key: str) -> Path:
         return self.root / "adapters" / key

@@ -42,6 +42,7 @@ class Interrupted(BaseException):
     def __init__(self, signum: int, done: int = 0, total: int = 0, unit: str = "samples") -> None:
         self.signum = int(signum)
         self.done, self.total, self.unit = int(done), int(total), unit
+        self.note: str | None = None
         super().__init__(self.message)
 
     @property
@@ -58,6 +59,8 @@ class Interrupted(BaseException):
     @property
     def message(self) -> str:
         """``interrupted: 16 of 24 samples saved; rerun the same command to resume``."""
+        if self.note:
+            return f"interrupted: {self.note}; rerun the same command to start again"
         if self.total:
             return (
                 f"interrupted: {self.done} of {self.total} {self.unit} saved; "
@@ -68,6 +71,11 @@ class Interrupted(BaseException):
     def update(self, done: int, total: int, unit: str) -> None:
         """Set what is saved (a loop that kept more on its way out calls this)."""
         self.done, self.total, self.unit = int(done), int(total), unit
+        self.args = (self.message,)
+
+    def nothing_kept(self, why: str) -> None:
+        """Say that the interrupted work is not kept (``why``): a rerun starts it again."""
+        self.note = why
         self.args = (self.message,)
 
     def __str__(self) -> str:

@@ -16,6 +16,15 @@ from typing import IO, Any
 import numpy as np
 
 
+def hub_offline() -> bool:
+    """``HF_HUB_OFFLINE`` (or ``TRANSFORMERS_OFFLINE``), as set now or when the hub was imported."""
+    from huggingface_hub import constants
+
+    flags = (os.environ.get("HF_HUB_OFFLINE"), os.environ.get("TRANSFORMERS_OFFLINE"))
+    from_env = any(f is not None and f.strip().upper() in {"1", "ON", "YES", "TRUE"} for f in flags)
+    return bool(constants.HF_HUB_OFFLINE) or from_env
+
+
 def cache_root() -> Path:
     """The speccore cache folder: ``$SPECCORE_CACHE`` or the user's cache dir."""
     env = os.environ.get("SPECCORE_CACHE")
