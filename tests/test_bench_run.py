@@ -178,7 +178,7 @@ def test_a_variant_with_a_derived_small_model_is_run_and_compared_with_its_metho
     assert plan["variants"] == {"staff-derived": variant}
     table = (cfg.folder / "table.md").read_text(encoding="utf-8")
     variants = table.split("## Variants vs their method")[1].split("##")[0]
-    assert "| staff-derived − staff | 0.5 |" in variants
+    assert "| staff-derived − staff | ROUGE-L | 0.5 |" in variants
     agreement = table.split("## Small/target agreement")[1].split("##")[0]
     assert "| staff | 0.5 |" in agreement and "| staff-derived | 0.5 |" in agreement
 
@@ -372,3 +372,118 @@ def test_generation_stop_must_be_strings(bench_settings: dict[str, Any]) -> None
     bench_settings["generation"] = {"stop": [""]}
     with pytest.raises(ConfigError, match=r"generation\.stop takes non-empty strings"):
         bench_config_from_dict(bench_settings).validate()
+
+
+# --- selection seeds, cheaper cells, stale cells ---------------------------------------------
+
+
+def small_adapters(folder: Path) -> int:
+    return len(list((folder / "cache" / "adapters").glob("*/adapter_model.safetensors")))
+
+
+@pytest.mark.parametrize(
+    ("mode", "adapters", "tune_seeds"), [("shared", 1, [0, 0]), ("per_seed", 2, [0, 1])]
+)
+def test_selection_seeds_choose_whether_seeds_vary_the_selections_fine_tunes(
+    bench_settings: dict[str, Any], mode: str, adapters: int, tune_seeds: list[int]
+) -> None:
+    bench_settings.update(
+        methods=["staff", "random"],
+        seeds=[0, 1],
+        full=False,
+        zero_shot=False,
+        selection_seeds=mode,
+    )
+    cfg = bench_config_from_dict(bench_settings)
+    run_bench(cfg, plots=False)
+    # STAFF's small model is the only adapter a selection saves here.
+    assert small_adapters(cfg.folder) == adapters
+    cells = {p.stem: json.loads(p.read_text()) for p in (cfg.folder / "cells").glob("*.json")}
+    assert [cells[f"staff_p0.5_s{s}"]["tune_seed"] for s in (0, 1)] == tune_seeds
+    assert cells["staff_p0.5_s1"]["settings"]["selection_seeds"] == mode
+    table = (cfg.folder / "table.md").read_text(encoding="utf-8")
+    assert f"(`selection_seeds: {mode}`)" in table
+
+
+def test_selection_seeds_are_checked(bench_settings: dict[str, Any]) -> None:
+    with pytest.raises(ConfigError, match="selection_seeds must be shared or per_seed"):
+        bench_config_from_dict({**bench_settings, "selection_seeds": "each"})
+    select = {**bench_settings["select"], "tune_seed": 3}
+    with pytest.raises(ConfigError, match="select.tune_seed is set by the bench"):
+        bench_config_from_dict({**bench_settings, "select": select, "selection_seeds": "per_seed"})
+
+
+def test_reference_nll_only_generates_nothing(
+    bench_settings: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import speccore.bench.run as run_module
+
+    def no_generation(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("generation ran")
+
+    monkeypatch.setattr(run_module, "generate", no_generation)
+    metrics = {**bench_settings["metrics"], "generate_rows": 0}
+    cfg = bench_config_from_dict({**bench_settings, "metrics": metrics, "seeds": [0, 1]})
+    result = run_bench(cfg, plots=True)
+    cell = json.loads((cfg.folder / "cells" / "random_p0.5_s0.json").read_text())
+    assert cell["predictions"] == [] and cell["metrics"]["rougeL"] is None
+    assert cell["metrics"]["n_nll"] == 4 and len(cell["per_row"]["nll"]) == 4
+    table = (cfg.folder / "table.md").read_text(encoding="utf-8")
+    rouge = table.split("## BLEU-4")[0].split("## ROUGE-L")[1]
+    assert (
+        "_No cell generated text (`metrics.generate_rows: 0`" in rouge and "| random" not in rouge
+    )
+    assert "### Δ vs random: reference NLL" in table
+    assert len(result.rows) == 1 + 2 * 2 and all(r["rougeL"] is None for r in result.rows)
+
+
+def test_generation_on_fewer_rows_than_the_reference_nll(bench_settings: dict[str, Any]) -> None:
+    metrics = {**bench_settings["metrics"], "generate_rows": 2}
+    cfg = bench_config_from_dict({**bench_settings, "metrics": metrics, "zero_shot": False})
+    run_bench(cfg, plots=False)
+    cell = json.loads((cfg.folder / "cells" / "random_p0.5_s0.json").read_text())
+    assert len(cell["predictions"]) == 2 and cell["metrics"]["n_eval"] == 2
+    assert cell["metrics"]["n_nll"] == 4 and len(cell["per_row"]["rougeL"]) == 2
+    with pytest.raises(ConfigError, match="metrics.generate_rows must be >= 0"):
+        bench_config_from_dict({**bench_settings, "metrics": {"generate_rows": -1}})
+
+
+def test_stale_cells_are_run_again_not_mixed_in(
+    bench_settings: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import speccore.bench.versions as versions
+
+    bench_settings.update(
+        methods=["random", "random-b"],
+        variants={"random-b": {"method": "random", "batch_size": 2}},
+        full=False,
+    )
+    cfg = bench_config_from_dict(bench_settings)
+    first = run_bench(cfg, plots=False)
+    assert first.ran == ["zero-shot", "random_p0.5_s0", "random-b_p0.5_s0"]
+    assert run_bench(cfg, plots=False).ran == []
+    # Another variant definition: only the variant's cells run again.
+    bench_settings["variants"] = {"random-b": {"method": "random", "batch_size": 3}}
+    cfg = bench_config_from_dict(bench_settings)
+    assert run_bench(cfg, plots=False).ran == ["random-b_p0.5_s0"]
+    # A cell written before settings and versions it lacks existed (an old cell): kept settings,
+    # run again for its missing code versions; no refusal.
+    path = cfg.folder / "cells" / "random_p0.5_s0.json"
+    old = json.loads(path.read_text())
+    for key in ("code_versions", "cell_fp", "tune_seed"):
+        old.pop(key)
+    old["settings"].pop("selection_seeds")
+    old["settings"]["metrics"].pop("generate_rows")
+    old["settings_fp"] = "older"
+    path.write_text(json.dumps(old))
+    assert run_bench(cfg, plots=False).ran == ["random_p0.5_s0"]
+    # New generation code: every cell, zero-shot included.
+    monkeypatch.setattr(versions, "GENERATION_VERSION", versions.GENERATION_VERSION + 1)
+    from speccore.bench.run import report_only
+
+    report_only(cfg, plots=False)
+    table = (cfg.folder / "table.md").read_text(encoding="utf-8")
+    assert "_3 of 3 cells are stale (made by older code" in table
+    assert run_bench(cfg, plots=False).ran == first.ran
+    report_only(cfg, plots=False)
+    assert "stale" not in (cfg.folder / "table.md").read_text(encoding="utf-8")

@@ -37,8 +37,9 @@ from ..models.pool import ModelPool
 from ..progress import progress
 from .config import THROUGHPUT_ONLY, BenchConfig, load_bench_config
 from .generate import generate
-from .metrics import evaluate_rows, reference_nll_rows
+from .metrics import evaluate_rows, nll_metrics, reference_nll_rows
 from .report import collect_rows, write_reports
+from .versions import cell_fingerprint, cell_versions, what_changed
 
 if TYPE_CHECKING:
     import datasets
@@ -52,6 +53,8 @@ logger = logging.getLogger(__name__)
 
 FULL = "full"
 ZERO_SHOT = "zero-shot"
+#: Metrics that need generated text (None in a cell scored by its reference NLL only).
+GENERATED_METRICS = ("rougeL", "rougeL_lo", "rougeL_hi", "bleu4", "bleu4_lo", "bleu4_hi")
 
 
 @dataclass(frozen=True)
@@ -161,6 +164,10 @@ class BenchRunner:
             self.folder / "bench_config.json", {"settings": self.settings, **_plan(self.cfg)}
         )
         cells = plan_cells(self.cfg)
+        # Cells made by other code or another variant definition are run again, never mixed in.
+        for name, changed in self.stale(cells, done).items():
+            logger.warning("cell %s is stale (%s): running it again", name, "; ".join(changed))
+            del done[name]
         todo = [c for c in cells if c.name not in done]
         if todo:
             _ = self.data  # the training subset the selections read exists before any cell
@@ -186,6 +193,26 @@ class BenchRunner:
         result.rows = collect_rows(done)
         return result
 
+    def versions(self, cell: Cell) -> dict[str, Any]:
+        """The code versions ``cell``'s result depends on (:mod:`speccore.bench.versions`)."""
+        selected = cell.method not in (FULL, ZERO_SHOT)
+        method = self.cfg.base_method(cell.method) if selected else None
+        return cell_versions(method, fine_tuned=cell.method != ZERO_SHOT)
+
+    def cell_fp(self, cell: Cell) -> str:
+        return cell_fingerprint(self.versions(cell), self.cfg.variants.get(cell.method))
+
+    def stale(self, cells: list[Cell], done: dict[str, dict[str, Any]]) -> dict[str, list[str]]:
+        """The planned cells already finished by other code or under another variant
+        definition, with what changed."""
+        out = {}
+        for cell in cells:
+            record = done.get(cell.name)
+            if record is not None and record.get("cell_fp") != self.cell_fp(cell):
+                variant = self.cfg.variants.get(cell.method)
+                out[cell.name] = what_changed(record, self.versions(cell), variant) or ["unknown"]
+        return out
+
     def run_cell(self, cell: Cell) -> dict[str, Any]:
         """Select (unless full or zero-shot), fine-tune, generate and score one cell."""
         logger.info("cell %s", cell.name)
@@ -195,9 +222,7 @@ class BenchRunner:
         indices = np.arange(len(self.data.train)) if selection is None else selection.indices
         run = self.predict(cell, indices, tokens)
         start = time.perf_counter()
-        metrics, per_row = evaluate_rows(
-            run.predictions, self.data.references, self.cfg.metrics, nll=run.nll
-        )
+        metrics, per_row = self.evaluate(run)
         record = {
             "name": cell.name,
             "method": cell.method,
@@ -220,6 +245,10 @@ class BenchRunner:
             "per_row": per_row,
             "settings_fp": self.settings_fp,
             "settings": self.settings,
+            "code_versions": self.versions(cell),
+            "cell_fp": self.cell_fp(cell),
+            # The seed of the selection's own fine-tunes (None: no selection).
+            "tune_seed": None if selection is None else selection.config.get("tune_seed"),
             # A variant's own settings (another small model...), which `settings` does not show.
             **(
                 {"variant": self.cfg.variants[cell.method]}
@@ -231,6 +260,17 @@ class BenchRunner:
         }
         _log_cell(record)
         return record
+
+    def evaluate(self, run: CellRun) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The cell's metrics and per-row values: ROUGE-L and BLEU-4 on the rows it generated
+        for (``metrics.generate_rows``, the first ones), the reference NLL on every row."""
+        if run.predictions:
+            refs = self.data.references[: len(run.predictions)]
+            return evaluate_rows(run.predictions, refs, self.cfg.metrics, nll=run.nll)
+        assert run.nll is not None
+        metrics: dict[str, Any] = dict.fromkeys(GENERATED_METRICS)
+        metrics.update(nll_metrics(run.nll, self.cfg.metrics), n_eval=0)
+        return metrics, {"nll": run.nll.tolist()}
 
     def select(self, cell: Cell) -> tuple[Selection, TokenSelection | None]:
         """The cell's coreset, and its token masks when ``cell.token_keep < 1``."""
@@ -315,12 +355,21 @@ class BenchRunner:
         )
         return data
 
+    @property
+    def generate_rows(self) -> int:
+        """How many evaluation rows (the first ones) are generated on."""
+        limit = self.cfg.metrics.generate_rows
+        n = len(self.data.eval)
+        return n if limit is None else min(limit, n)
+
     def generate(self, model: Any, cell: Cell) -> list[str]:
         g = self.cfg.generation
+        if self.generate_rows == 0:  # reference NLL only
+            return []
         return generate(
             model,
             self.loaded.tokenizer,
-            self.prompts,
+            self.prompts[: self.generate_rows],
             max_new_tokens=g.max_new_tokens,
             batch_size=g.batch_size,
             max_prompt_tokens=self.cfg.prompt_budget,
@@ -484,9 +533,16 @@ def check_settings(
     for name, record in cells.items():
         if record.get("settings_fp") == fp:
             continue
-        changed = sorted(_diff(_flatten(record.get("settings", {})), _flatten(settings)))
-        # Cells written while a throughput-only setting was still fingerprinted stay valid.
-        changed = [c for c in changed if c not in _THROUGHPUT_KEYS]
+        stored = _flatten(record.get("settings", {}))
+        changed = sorted(_diff(stored, _flatten(settings)))
+        # Cells written while a throughput-only setting was still fingerprinted stay valid, and
+        # so do cells written before a setting existed when it is at its default (which is
+        # what those cells did).
+        changed = [
+            c
+            for c in changed
+            if c not in _THROUGHPUT_KEYS and not (c not in stored and _at_default(c, settings))
+        ]
         if "settings" in record and not changed:
             continue
         raise ConfigError(
@@ -509,6 +565,12 @@ def check_settings(
 
 
 _THROUGHPUT_KEYS = {f"{group}.{key}" for group, key in THROUGHPUT_ONLY}
+
+
+def _at_default(key: str, settings: dict[str, Any]) -> bool:
+    """Whether a flattened settings ``key`` holds the value a default bench config gives it."""
+    defaults = _flatten(BenchConfig().settings_dict())
+    return key in defaults and _flatten(settings).get(key) == defaults[key]
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -603,14 +665,12 @@ def _log_cell(record: dict[str, Any]) -> None:
     m = record["metrics"]
     sel = record["selection"] or {}
     logger.info(
-        "cell %s: ROUGE-L %.2f [%.2f, %.2f], BLEU-4 %.2f, reference NLL %s; selection %.1f s, "
+        "cell %s: ROUGE-L %s, BLEU-4 %s, reference NLL %s; selection %.1f s, "
         "fine-tune %.1f s, NLL %.1f s, generation %.1f s",
         record["name"],
-        m["rougeL"],
-        m["rougeL_lo"],
-        m["rougeL_hi"],
-        m["bleu4"],
-        "—" if m.get("nll") is None else f"{m['nll']:.3f}",
+        _fmt(m.get("rougeL"), 2),
+        _fmt(m.get("bleu4"), 2),
+        _fmt(m.get("nll"), 3),
         sel.get("seconds") or 0.0,
         record["train_seconds"] or 0.0,
         record.get("nll_seconds") or 0.0,
@@ -625,11 +685,36 @@ def _log_cell(record: dict[str, Any]) -> None:
         )
 
 
+def _fmt(value: Any, digits: int) -> str:
+    return "—" if value is None else f"{value:.{digits}f}"
+
+
 def report_only(config: BenchConfig | str | Path, *, plots: bool = True) -> list[Path]:
-    """Rewrite ``results.csv``, ``table.md`` and the plots from the finished cells only."""
+    """Rewrite ``results.csv``, ``table.md`` and the plots from the finished cells only.
+
+    Stale cells (made by other code or another variant definition) are reported as they
+    are, and the table says how many there are. A folder with a ``results.csv`` but no
+    cells (results committed without them) is rebuilt from ``results.csv`` and
+    ``paired.csv``."""
+    from .report import tables_from_results
+
     cfg = config if isinstance(config, BenchConfig) else load_bench_config(config)
     cells = load_cells(cfg.folder)
     if not cells:
+        if (cfg.folder / "results.csv").is_file():
+            note = (
+                "_Rebuilt from `results.csv` and `paired.csv` without the cells: the seed-level "
+                "tests from each cell's metrics, the models-fixed columns as they were._"
+            )
+            return tables_from_results(cfg.folder, plots=plots, note=note)
         raise ConfigError(f"no finished cells in {cfg.folder / 'cells'}; run the bench first")
     check_settings(cells, cfg.settings_dict(), cfg.folder, cfg.token_settings())
-    return write_reports(cfg.folder, cells, plots=plots, bases=cfg.variant_bases())
+    stale = BenchRunner(cfg).stale(plan_cells(cfg), cells)
+    note = None
+    if stale:
+        note = (
+            f"_{len(stale)} of {len(cells)} cells are stale (made by older code or another "
+            f"variant definition; a run would redo them): {', '.join(sorted(stale))}. They "
+            "are reported as they are._"
+        )
+    return write_reports(cfg.folder, cells, plots=plots, bases=cfg.variant_bases(), note=note)

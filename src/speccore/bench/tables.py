@@ -165,13 +165,13 @@ def render_tables(
     parts = [f"# {title}", ""] + ([note, ""] if note else [])
     parts += ["## Verdict", "", verdict(rows, comparisons, selection_seeds), ""]
     for metric, label in METRICS.items():
-        if metric == "nll" and not _has(rows, metric) and not _any_for(comparisons, metric):
-            parts += [
-                f"## {label}",
-                "",
-                "_No cell has a reference NLL (cells made before it)._",
-                "",
-            ]
+        if not _has(rows, metric) and not _any_for(comparisons, metric):
+            why = (
+                "_No cell has a reference NLL (cells made before it)._"
+                if metric == "nll"
+                else "_No cell generated text (`metrics.generate_rows: 0`: reference NLL only)._"
+            )
+            parts += [f"## {label}", "", why, ""]
             continue
         parts += [f"## {label}", "", metric_table(rows, metric, comparisons), ""]
         if comparisons is not None:
