@@ -409,7 +409,7 @@ def test_selection_seeds_are_checked(bench_settings: dict[str, Any]) -> None:
     with pytest.raises(ConfigError, match="selection_seeds must be shared or per_seed"):
         bench_config_from_dict({**bench_settings, "selection_seeds": "each"})
     select = {**bench_settings["select"], "tune_seed": 3}
-    with pytest.raises(ConfigError, match="select.tune_seed is set by the bench"):
+    with pytest.raises(ConfigError, match=r"select\.tune_seed is set by the bench"):
         bench_config_from_dict({**bench_settings, "select": select, "selection_seeds": "per_seed"})
 
 
@@ -444,7 +444,7 @@ def test_generation_on_fewer_rows_than_the_reference_nll(bench_settings: dict[st
     cell = json.loads((cfg.folder / "cells" / "random_p0.5_s0.json").read_text())
     assert len(cell["predictions"]) == 2 and cell["metrics"]["n_eval"] == 2
     assert cell["metrics"]["n_nll"] == 4 and len(cell["per_row"]["rougeL"]) == 2
-    with pytest.raises(ConfigError, match="metrics.generate_rows must be >= 0"):
+    with pytest.raises(ConfigError, match=r"metrics\.generate_rows must be >= 0"):
         bench_config_from_dict({**bench_settings, "metrics": {"generate_rows": -1}})
 
 
