@@ -487,3 +487,54 @@ def test_stale_cells_are_run_again_not_mixed_in(
     assert run_bench(cfg, plots=False).ran == first.ran
     report_only(cfg, plots=False)
     assert "stale" not in (cfg.folder / "table.md").read_text(encoding="utf-8")
+
+
+def test_dry_run_lists_the_cells_with_estimates_and_writes_nothing(
+    bench_settings: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bench_settings.update(
+        methods=["random"],
+        full=False,
+        data={**bench_settings["data"], "train_rows": 10, "row_sampling": "random"},
+    )
+    cfg = bench_config_from_dict(bench_settings)
+    run_bench(cfg, plots=False)  # zero-shot and random_p0.5_s0 finished
+    bench_settings.update(methods=["random", "staff"], seeds=[0, 1])
+    config = tmp_path / "dry.yaml"
+    config.write_text(yaml.safe_dump(bench_settings), encoding="utf-8")
+    before = {p: p.stat().st_mtime_ns for p in cfg.folder.rglob("*")}
+    assert main(["bench", str(config), "--dry-run"]) == 0
+    assert {p: p.stat().st_mtime_ns for p in cfg.folder.rglob("*")} == before
+    out = capsys.readouterr().out
+    lines = {
+        line.split()[0]: line.split()
+        for line in out.splitlines()
+        if "_p0.5_" in line or line.startswith("zero-shot")
+    }
+    assert lines["zero-shot"][1] == "finished" and lines["random_p0.5_s0"][1] == "finished"
+    assert [lines[n][1] for n in ("staff_p0.5_s0", "random_p0.5_s1", "staff_p0.5_s1")] == [
+        "new"
+    ] * 3
+    assert "3 cells to run (0 stale), 2 finished; estimated" in out
+    # A fresh folder: nothing is created at all.
+    fresh = {**bench_settings, "out": str(tmp_path / "fresh" / "bench")}
+    config.write_text(yaml.safe_dump(fresh), encoding="utf-8")
+    assert main(["bench", str(config), "--dry-run"]) == 0
+    assert not (tmp_path / "fresh").exists()
+    assert "5 cells to run (0 stale), 0 finished" in capsys.readouterr().out
+
+
+def test_dry_run_charges_a_cached_selection_stage_once(bench_settings: dict[str, Any]) -> None:
+    from speccore.bench.estimate import estimate_bench
+
+    bench_settings.update(methods=["staff"], seeds=[0, 1], full=False, zero_shot=False)
+    shared = {c.name: c for c in estimate_bench(bench_config_from_dict(bench_settings))["cells"]}
+    # The first staff cell pays the small fine-tune and scoring, the second only verification.
+    assert shared["staff_p0.5_s0"].select_s > shared["staff_p0.5_s1"].select_s > 0
+    assert all(c.train_s > 0 and c.nll_s > 0 and c.generate_s > 0 for c in shared.values())
+    per_seed = estimate_bench(
+        bench_config_from_dict({**bench_settings, "selection_seeds": "per_seed"})
+    )
+    _, second = per_seed["cells"]
+    # Per seed, each seed fine-tunes its own small model: both pay it.
+    assert second.select_s > shared["staff_p0.5_s1"].select_s

@@ -153,6 +153,8 @@ class BenchRunner:
         self._train_tokens: TokenizedData | None = None
         self._eval_tokens: TokenizedData | None = None
         self._prompts: list[str] | None = None
+        # False: the training subset is not written into the bench folder (the dry run).
+        self.data_to_write = True
 
     # --- the loop ------------------------------------------------------------------------
 
@@ -383,7 +385,7 @@ class BenchRunner:
     @property
     def data(self) -> BenchData:
         if self._data is None:
-            self._data = prepare_data(self.cfg)
+            self._data = prepare_data(self.cfg, write=self.data_to_write)
         return self._data
 
     @property
@@ -439,12 +441,12 @@ class BenchRunner:
 # ---------------------------------------------------------------------------------------------
 
 
-def prepare_data(cfg: BenchConfig) -> BenchData:
+def prepare_data(cfg: BenchConfig, write: bool = True) -> BenchData:
     """Load (and subset) training and evaluation rows; write the training subset the selections
-    read into the bench folder."""
+    read into the bench folder (unless ``write`` is False)."""
     d = cfg.data
     train = take_rows(load_rows(d.train, d.split), d.train_rows, d.row_sampling, d.data_seed)
-    if d.train_rows is not None:
+    if d.train_rows is not None and write:
         write_rows(Path(cfg.train_path()), train)
     evaluation = load_rows(d.eval, d.eval_split)
     evaluation = take_rows(evaluation, d.eval_rows, d.row_sampling, d.data_seed)
@@ -710,7 +712,7 @@ def report_only(config: BenchConfig | str | Path, *, plots: bool = True) -> list
         raise ConfigError(f"no finished cells in {cfg.folder / 'cells'}; run the bench first")
     check_settings(cells, cfg.settings_dict(), cfg.folder, cfg.token_settings())
     stale = BenchRunner(cfg).stale(plan_cells(cfg), cells)
-    note = None
+    note: str | None = None
     if stale:
         note = (
             f"_{len(stale)} of {len(cells)} cells are stale (made by older code or another "
