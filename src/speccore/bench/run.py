@@ -687,6 +687,12 @@ def _log_cell(record: dict[str, Any]) -> None:
         )
 
 
+REBUILT_NOTE = (
+    "_Rebuilt from `results.csv` and `paired.csv` without the cells: the seed-level tests from "
+    "each cell's metrics, the models-fixed columns as they were._"
+)
+
+
 def _fmt(value: Any, digits: int) -> str:
     return "—" if value is None else f"{value:.{digits}f}"
 
@@ -704,11 +710,7 @@ def report_only(config: BenchConfig | str | Path, *, plots: bool = True) -> list
     cells = load_cells(cfg.folder)
     if not cells:
         if (cfg.folder / "results.csv").is_file():
-            note = (
-                "_Rebuilt from `results.csv` and `paired.csv` without the cells: the seed-level "
-                "tests from each cell's metrics, the models-fixed columns as they were._"
-            )
-            return tables_from_results(cfg.folder, plots=plots, note=note)
+            return tables_from_results(cfg.folder, plots=plots, note=REBUILT_NOTE)
         raise ConfigError(f"no finished cells in {cfg.folder / 'cells'}; run the bench first")
     check_settings(cells, cfg.settings_dict(), cfg.folder, cfg.token_settings())
     stale = BenchRunner(cfg).stale(plan_cells(cfg), cells)
