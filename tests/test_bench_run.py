@@ -34,21 +34,61 @@ def bench_settings(tmp_path: Path, model_dirs: dict[str, Path]) -> dict[str, Any
 def test_shipped_configs_load() -> None:
     mini = load_bench_config(REPO / "quality-bench" / "mini-uitrans.yaml")
     assert mini.metrics.unicode_rouge and mini.data.train_rows == 400
-    assert mini.data.eval_rows == 200 and mini.seeds == [0, 1, 2]
+    assert mini.data.eval_rows == 200 and mini.seeds == list(range(10))
+    assert mini.metrics.generate_rows == 0 and mini.prune_rates == [0.9]
     cells = [c.name for c in plan_cells(mini)]
-    assert cells[:2] == ["zero-shot", "full_s0"]
-    assert len(cells) == 1 + 3 + 7 * 2 * 3  # 7 methods × 2 rates × 3 seeds
-    assert {"s2l_p0.9_s2", "perplexity_p0.7_s0", "staff-derived_p0.9_s1"} <= set(cells)
-    derived = mini.select_config("staff-derived", 0.9, 1)
-    assert derived.method == "staff" and derived.small == "derive:0.33"
-    assert mini.select_config("staff", 0.9, 1).small == "smollm2-135m"
+    assert cells[:2] == ["zero-shot", "staff_p0.9_s0"]
+    assert len(cells) == 1 + 3 * 10  # staff, random, ccs × 10 seeds
     dialogsum = load_bench_config(REPO / "quality-bench" / "mini-dialogsum.yaml")
-    assert dialogsum.data.eval_rows == 100 and len(plan_cells(dialogsum)) == 46
+    assert dialogsum.data.eval_rows == 100 and len(plan_cells(dialogsum)) == 1 + 2 * 6
+    # The committed UI results come with the config that made them (bench_config.json).
+    ran = load_bench_config(REPO / "quality-bench" / "results" / "mini-uitrans" / "config.yaml")
+    recorded = json.loads(
+        (REPO / "quality-bench" / "results" / "mini-uitrans" / "bench_config.json").read_text()
+    )
+    assert (ran.full, ran.methods, ran.prune_rates) == (
+        recorded["full"],
+        recorded["methods"],
+        recorded["prune_rates"],
+    )
+    derived = ran.select_config("staff-derived", 0.9, 1)
+    assert derived.method == "staff" and derived.small == "derive:0.33"
     full = load_bench_config(REPO / "quality-bench" / "full-dialogsum.yaml")
     sel = full.select_config("staff", 0.9, 2)
     staff = sel.method_settings
     assert (staff.regions, staff.verify_per_region, sel.small_epochs, sel.seed) == (50, 10, 3.0, 2)
+    # The authors' fine-tunes: target 4 epochs, both at 1e-4.
+    assert (full.finetune.epochs, full.finetune.learning_rate, sel.train.learning_rate) == (
+        4.0,
+        1e-4,
+        1e-4,
+    )
     assert len(plan_cells(full)) == 1 + 3 + 8 * 5 * 3
+
+
+def test_epoch_curve_script_prints_a_markdown_table(
+    bench_settings: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "epoch_curve", REPO / "speed-bench" / "epoch_curve.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(bench_settings), encoding="utf-8")
+    table = tmp_path / "curve.md"
+    args = ["--config", str(config), "--epochs", "1", "2", "--root", str(tmp_path / "curve")]
+    assert module.main([*args, "--table", str(table)]) == 0
+    text = table.read_text(encoding="utf-8")
+    lines = [x for x in text.splitlines() if x.startswith("| 1 |") or x.startswith("| 2 |")]
+    assert len(lines) == 2 and "random − full" in text
+    one = json.loads((tmp_path / "curve" / "e1" / "cells" / "full_s0.json").read_text())
+    two = json.loads((tmp_path / "curve" / "e2" / "cells" / "full_s0.json").read_text())
+    assert one["settings"]["finetune"]["epochs"] == 1 and two["settings"]["finetune"]["epochs"] == 2
+    assert one["predictions"] == [] and f"| 1 | {one['metrics']['nll']:.3f} |" in lines[0]
 
 
 def test_defaults_are_the_papers_grid(bench_settings: dict[str, Any]) -> None:
