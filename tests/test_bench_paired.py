@@ -247,10 +247,16 @@ def test_compare_cells_against_random_and_the_best_other_method() -> None:
     # ccs made the same predictions as random: no difference at all.
     same = diffs[("bleu4", "ccs", "random", VS_RANDOM)]
     assert (same.delta, same.lo, same.hi, same.p) == (0.0, 0.0, 0.0, 1.0)
-    # staff's NLL is 0.25 lower on every row: a zero-width interval below 0, better than random.
+    # staff's NLL is 0.25 lower on every row: with the models fixed a zero-width interval
+    # below 0; over 2 seeds the sign-flip test cannot go below 2/2^2 = 0.5, so no verdict.
     nll = diffs[("nll", "staff", "random", VS_RANDOM)]
     assert (nll.delta, nll.lo, nll.hi) == pytest.approx((-0.25, -0.25, -0.25))
-    assert nll.better and not nll.worse and nll.p == pytest.approx(2 / 401)
+    assert nll.rows_significant and nll.p == pytest.approx(2 / 401)
+    assert nll.per_seed == pytest.approx((-0.25, -0.25)) and nll.seed_p == pytest.approx(0.5)
+    assert (nll.seed_lo, nll.seed_hi) == (-math.inf, math.inf)
+    assert not nll.better and not nll.worse
+    # Holm over the 6 comparisons with random (3 metrics × staff, ccs); ccs ties (p 1).
+    assert nll.p_holm == pytest.approx(1.0)
     # BLEU: the mean over seeds of the corpus BLEU differences, and the cells' own numbers.
     bleu = diffs[("bleu4", "staff", "random", VS_RANDOM)]
     expected = np.mean(
@@ -301,8 +307,10 @@ def test_a_variant_is_compared_with_the_method_it_varies() -> None:
     bases = {"staff-derived": "staff", "ccs": "random"}
     diffs = by_key(compare_cells(cells, bases=bases))
     nll = diffs[("nll", "staff-derived", "staff", VS_BASE)]
-    # NLL − 0.5 against staff's − 0.25, on every row: −0.25 with a zero-width interval.
-    assert (nll.delta, nll.lo, nll.hi) == pytest.approx((-0.25, -0.25, -0.25)) and nll.better
+    # NLL − 0.5 against staff's − 0.25, on every row: −0.25 with a zero-width row interval,
+    # but two seeds cannot carry a verdict.
+    assert (nll.delta, nll.lo, nll.hi) == pytest.approx((-0.25, -0.25, -0.25))
+    assert nll.rows_significant and not nll.better
     # Same predictions as random: the ROUGE-L difference is random − staff.
     rouge = diffs[("rougeL", "staff-derived", "staff", VS_BASE)]
     staff = diffs[("rougeL", "staff", "random", VS_RANDOM)]
@@ -312,8 +320,10 @@ def test_a_variant_is_compared_with_the_method_it_varies() -> None:
     assert not any(k[3] == VS_BASE for k in by_key(compare_cells(cells)))
 
     table = variant_table(list(diffs.values()))
-    (line,) = [x for x in table.splitlines() if x.startswith("| staff-derived − staff |")]
-    assert line.startswith("| staff-derived − staff | 0.5 | -") and line.endswith("▲ |")
+    prefix = "| staff-derived − staff | reference NLL | 0.5 |"
+    (line,) = [x for x in table.splitlines() if x.startswith(prefix)]
+    assert line.startswith(prefix + " -0.250 ± 0.000 [−∞, +∞], p-value 0.5")
+    assert "| -0.250, -0.250 | [-0.250, -0.250], p-value 0.005 |" in line and "▲" not in line
     rows = [{"method": "staff", "prune_rate": 0.5, "seed": 0, "rougeL": 1.0}]
     assert "## Variants vs their method" in render_tables(rows, comparisons=list(diffs.values()))
     assert variant_table(compare_cells(cells)) == ""

@@ -34,21 +34,61 @@ def bench_settings(tmp_path: Path, model_dirs: dict[str, Path]) -> dict[str, Any
 def test_shipped_configs_load() -> None:
     mini = load_bench_config(REPO / "quality-bench" / "mini-uitrans.yaml")
     assert mini.metrics.unicode_rouge and mini.data.train_rows == 400
-    assert mini.data.eval_rows == 200 and mini.seeds == [0, 1, 2]
+    assert mini.data.eval_rows == 200 and mini.seeds == list(range(10))
+    assert mini.metrics.generate_rows == 0 and mini.prune_rates == [0.9]
     cells = [c.name for c in plan_cells(mini)]
-    assert cells[:2] == ["zero-shot", "full_s0"]
-    assert len(cells) == 1 + 3 + 7 * 2 * 3  # 7 methods × 2 rates × 3 seeds
-    assert {"s2l_p0.9_s2", "perplexity_p0.7_s0", "staff-derived_p0.9_s1"} <= set(cells)
-    derived = mini.select_config("staff-derived", 0.9, 1)
-    assert derived.method == "staff" and derived.small == "derive:0.33"
-    assert mini.select_config("staff", 0.9, 1).small == "smollm2-135m"
+    assert cells[:2] == ["zero-shot", "staff_p0.9_s0"]
+    assert len(cells) == 1 + 3 * 10  # staff, random, ccs × 10 seeds
     dialogsum = load_bench_config(REPO / "quality-bench" / "mini-dialogsum.yaml")
-    assert dialogsum.data.eval_rows == 100 and len(plan_cells(dialogsum)) == 46
+    assert dialogsum.data.eval_rows == 100 and len(plan_cells(dialogsum)) == 1 + 2 * 6
+    # The committed UI results come with the config that made them (bench_config.json).
+    ran = load_bench_config(REPO / "quality-bench" / "results" / "mini-uitrans" / "config.yaml")
+    recorded = json.loads(
+        (REPO / "quality-bench" / "results" / "mini-uitrans" / "bench_config.json").read_text()
+    )
+    assert (ran.full, ran.methods, ran.prune_rates) == (
+        recorded["full"],
+        recorded["methods"],
+        recorded["prune_rates"],
+    )
+    derived = ran.select_config("staff-derived", 0.9, 1)
+    assert derived.method == "staff" and derived.small == "derive:0.33"
     full = load_bench_config(REPO / "quality-bench" / "full-dialogsum.yaml")
     sel = full.select_config("staff", 0.9, 2)
     staff = sel.method_settings
     assert (staff.regions, staff.verify_per_region, sel.small_epochs, sel.seed) == (50, 10, 3.0, 2)
+    # The authors' fine-tunes: target 4 epochs, both at 1e-4.
+    assert (full.finetune.epochs, full.finetune.learning_rate, sel.train.learning_rate) == (
+        4.0,
+        1e-4,
+        1e-4,
+    )
     assert len(plan_cells(full)) == 1 + 3 + 8 * 5 * 3
+
+
+def test_epoch_curve_script_prints_a_markdown_table(
+    bench_settings: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "epoch_curve", REPO / "speed-bench" / "epoch_curve.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(bench_settings), encoding="utf-8")
+    table = tmp_path / "curve.md"
+    args = ["--config", str(config), "--epochs", "1", "2", "--root", str(tmp_path / "curve")]
+    assert module.main([*args, "--table", str(table)]) == 0
+    text = table.read_text(encoding="utf-8")
+    lines = [x for x in text.splitlines() if x.startswith("| 1 |") or x.startswith("| 2 |")]
+    assert len(lines) == 2 and "random − full" in text
+    one = json.loads((tmp_path / "curve" / "e1" / "cells" / "full_s0.json").read_text())
+    two = json.loads((tmp_path / "curve" / "e2" / "cells" / "full_s0.json").read_text())
+    assert one["settings"]["finetune"]["epochs"] == 1 and two["settings"]["finetune"]["epochs"] == 2
+    assert one["predictions"] == [] and f"| 1 | {one['metrics']['nll']:.3f} |" in lines[0]
 
 
 def test_defaults_are_the_papers_grid(bench_settings: dict[str, Any]) -> None:
@@ -178,7 +218,7 @@ def test_a_variant_with_a_derived_small_model_is_run_and_compared_with_its_metho
     assert plan["variants"] == {"staff-derived": variant}
     table = (cfg.folder / "table.md").read_text(encoding="utf-8")
     variants = table.split("## Variants vs their method")[1].split("##")[0]
-    assert "| staff-derived − staff | 0.5 |" in variants
+    assert "| staff-derived − staff | ROUGE-L | 0.5 |" in variants
     agreement = table.split("## Small/target agreement")[1].split("##")[0]
     assert "| staff | 0.5 |" in agreement and "| staff-derived | 0.5 |" in agreement
 
@@ -372,3 +412,169 @@ def test_generation_stop_must_be_strings(bench_settings: dict[str, Any]) -> None
     bench_settings["generation"] = {"stop": [""]}
     with pytest.raises(ConfigError, match=r"generation\.stop takes non-empty strings"):
         bench_config_from_dict(bench_settings).validate()
+
+
+# --- selection seeds, cheaper cells, stale cells ---------------------------------------------
+
+
+def small_adapters(folder: Path) -> int:
+    return len(list((folder / "cache" / "adapters").glob("*/adapter_model.safetensors")))
+
+
+@pytest.mark.parametrize(
+    ("mode", "adapters", "tune_seeds"), [("shared", 1, [0, 0]), ("per_seed", 2, [0, 1])]
+)
+def test_selection_seeds_choose_whether_seeds_vary_the_selections_fine_tunes(
+    bench_settings: dict[str, Any], mode: str, adapters: int, tune_seeds: list[int]
+) -> None:
+    bench_settings.update(
+        methods=["staff", "random"],
+        seeds=[0, 1],
+        full=False,
+        zero_shot=False,
+        selection_seeds=mode,
+    )
+    cfg = bench_config_from_dict(bench_settings)
+    run_bench(cfg, plots=False)
+    # STAFF's small model is the only adapter a selection saves here.
+    assert small_adapters(cfg.folder) == adapters
+    cells = {p.stem: json.loads(p.read_text()) for p in (cfg.folder / "cells").glob("*.json")}
+    assert [cells[f"staff_p0.5_s{s}"]["tune_seed"] for s in (0, 1)] == tune_seeds
+    assert cells["staff_p0.5_s1"]["settings"]["selection_seeds"] == mode
+    table = (cfg.folder / "table.md").read_text(encoding="utf-8")
+    assert f"(`selection_seeds: {mode}`)" in table
+
+
+def test_selection_seeds_are_checked(bench_settings: dict[str, Any]) -> None:
+    with pytest.raises(ConfigError, match="selection_seeds must be shared or per_seed"):
+        bench_config_from_dict({**bench_settings, "selection_seeds": "each"})
+    select = {**bench_settings["select"], "tune_seed": 3}
+    with pytest.raises(ConfigError, match=r"select\.tune_seed is set by the bench"):
+        bench_config_from_dict({**bench_settings, "select": select, "selection_seeds": "per_seed"})
+
+
+def test_reference_nll_only_generates_nothing(
+    bench_settings: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import speccore.bench.run as run_module
+
+    def no_generation(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("generation ran")
+
+    monkeypatch.setattr(run_module, "generate", no_generation)
+    metrics = {**bench_settings["metrics"], "generate_rows": 0}
+    cfg = bench_config_from_dict({**bench_settings, "metrics": metrics, "seeds": [0, 1]})
+    result = run_bench(cfg, plots=True)
+    cell = json.loads((cfg.folder / "cells" / "random_p0.5_s0.json").read_text())
+    assert cell["predictions"] == [] and cell["metrics"]["rougeL"] is None
+    assert cell["metrics"]["n_nll"] == 4 and len(cell["per_row"]["nll"]) == 4
+    table = (cfg.folder / "table.md").read_text(encoding="utf-8")
+    rouge = table.split("## BLEU-4")[0].split("## ROUGE-L")[1]
+    assert (
+        "_No cell generated text (`metrics.generate_rows: 0`" in rouge and "| random" not in rouge
+    )
+    assert "### Δ vs random: reference NLL" in table
+    assert len(result.rows) == 1 + 2 * 2 and all(r["rougeL"] is None for r in result.rows)
+
+
+def test_generation_on_fewer_rows_than_the_reference_nll(bench_settings: dict[str, Any]) -> None:
+    metrics = {**bench_settings["metrics"], "generate_rows": 2}
+    cfg = bench_config_from_dict({**bench_settings, "metrics": metrics, "zero_shot": False})
+    run_bench(cfg, plots=False)
+    cell = json.loads((cfg.folder / "cells" / "random_p0.5_s0.json").read_text())
+    assert len(cell["predictions"]) == 2 and cell["metrics"]["n_eval"] == 2
+    assert cell["metrics"]["n_nll"] == 4 and len(cell["per_row"]["rougeL"]) == 2
+    with pytest.raises(ConfigError, match=r"metrics\.generate_rows must be >= 0"):
+        bench_config_from_dict({**bench_settings, "metrics": {"generate_rows": -1}})
+
+
+def test_stale_cells_are_run_again_not_mixed_in(
+    bench_settings: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import speccore.bench.versions as versions
+
+    bench_settings.update(
+        methods=["random", "random-b"],
+        variants={"random-b": {"method": "random", "batch_size": 2}},
+        full=False,
+    )
+    cfg = bench_config_from_dict(bench_settings)
+    first = run_bench(cfg, plots=False)
+    assert first.ran == ["zero-shot", "random_p0.5_s0", "random-b_p0.5_s0"]
+    assert run_bench(cfg, plots=False).ran == []
+    # Another variant definition: only the variant's cells run again.
+    bench_settings["variants"] = {"random-b": {"method": "random", "batch_size": 3}}
+    cfg = bench_config_from_dict(bench_settings)
+    assert run_bench(cfg, plots=False).ran == ["random-b_p0.5_s0"]
+    # A cell written before settings and versions it lacks existed (an old cell): kept settings,
+    # run again for its missing code versions; no refusal.
+    path = cfg.folder / "cells" / "random_p0.5_s0.json"
+    old = json.loads(path.read_text())
+    for key in ("code_versions", "cell_fp", "tune_seed"):
+        old.pop(key)
+    old["settings"].pop("selection_seeds")
+    old["settings"]["metrics"].pop("generate_rows")
+    old["settings_fp"] = "older"
+    path.write_text(json.dumps(old))
+    assert run_bench(cfg, plots=False).ran == ["random_p0.5_s0"]
+    # New generation code: every cell, zero-shot included.
+    monkeypatch.setattr(versions, "GENERATION_VERSION", versions.GENERATION_VERSION + 1)
+    from speccore.bench.run import report_only
+
+    report_only(cfg, plots=False)
+    table = (cfg.folder / "table.md").read_text(encoding="utf-8")
+    assert "_3 of 3 cells are stale (made by older code" in table
+    assert run_bench(cfg, plots=False).ran == first.ran
+    report_only(cfg, plots=False)
+    assert "stale" not in (cfg.folder / "table.md").read_text(encoding="utf-8")
+
+
+def test_dry_run_lists_the_cells_with_estimates_and_writes_nothing(
+    bench_settings: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bench_settings.update(
+        methods=["random"],
+        full=False,
+        data={**bench_settings["data"], "train_rows": 10, "row_sampling": "random"},
+    )
+    cfg = bench_config_from_dict(bench_settings)
+    run_bench(cfg, plots=False)  # zero-shot and random_p0.5_s0 finished
+    bench_settings.update(methods=["random", "staff"], seeds=[0, 1])
+    config = tmp_path / "dry.yaml"
+    config.write_text(yaml.safe_dump(bench_settings), encoding="utf-8")
+    before = {p: p.stat().st_mtime_ns for p in cfg.folder.rglob("*")}
+    assert main(["bench", str(config), "--dry-run"]) == 0
+    assert {p: p.stat().st_mtime_ns for p in cfg.folder.rglob("*")} == before
+    out = capsys.readouterr().out
+    lines = {
+        line.split()[0]: line.split()
+        for line in out.splitlines()
+        if "_p0.5_" in line or line.startswith("zero-shot")
+    }
+    assert lines["zero-shot"][1] == "finished" and lines["random_p0.5_s0"][1] == "finished"
+    assert [lines[n][1] for n in ("staff_p0.5_s0", "random_p0.5_s1", "staff_p0.5_s1")] == [
+        "new"
+    ] * 3
+    assert "3 cells to run (0 stale), 2 finished; estimated" in out
+    # A fresh folder: nothing is created at all.
+    fresh = {**bench_settings, "out": str(tmp_path / "fresh" / "bench")}
+    config.write_text(yaml.safe_dump(fresh), encoding="utf-8")
+    assert main(["bench", str(config), "--dry-run"]) == 0
+    assert not (tmp_path / "fresh").exists()
+    assert "5 cells to run (0 stale), 0 finished" in capsys.readouterr().out
+
+
+def test_dry_run_charges_a_cached_selection_stage_once(bench_settings: dict[str, Any]) -> None:
+    from speccore.bench.estimate import estimate_bench
+
+    bench_settings.update(methods=["staff"], seeds=[0, 1], full=False, zero_shot=False)
+    shared = {c.name: c for c in estimate_bench(bench_config_from_dict(bench_settings))["cells"]}
+    # The first staff cell pays the small fine-tune and scoring, the second only verification.
+    assert shared["staff_p0.5_s0"].select_s > shared["staff_p0.5_s1"].select_s > 0
+    assert all(c.train_s > 0 and c.nll_s > 0 and c.generate_s > 0 for c in shared.values())
+    per_seed = estimate_bench(
+        bench_config_from_dict({**bench_settings, "selection_seeds": "per_seed"})
+    )
+    _, second = per_seed["cells"]
+    # Per seed, each seed fine-tunes its own small model: both pay it.
+    assert second.select_s > shared["staff_p0.5_s1"].select_s

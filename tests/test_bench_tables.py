@@ -5,6 +5,7 @@ plots."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -12,7 +13,6 @@ import pytest
 
 from speccore.bench.paired import PairedDiff, read_paired_csv
 from speccore.bench.plots import write_plots
-from speccore.bench.run import rand_index
 from speccore.bench.tables import (
     columns_for,
     delta_table,
@@ -26,6 +26,7 @@ from speccore.bench.tables import (
     verdict,
     write_results_csv,
 )
+from speccore.selection.agreement import rand_index
 
 RESULTS = """\
 method,prune_rate,seed,coreset_size,n_train,n_eval,rougeL,rougeL_lo,rougeL_hi,bleu4,bleu4_lo,bleu4_hi,select_s,sel_small_fine-tune_s,sel_target_verification_s,train_s,eval_s,agreement,rand_index
@@ -47,26 +48,29 @@ el2n,0.9,1,10,100,10,26,24,28,9,8,10,30,,,10,5,,
 """
 
 
-# Paired comparisons for RESULTS (as paired.py writes them). ROUGE-L: at p = 0.5 staff is
-# significantly ahead of random (the runner-up), el2n significantly behind; at p = 0.9 staff and
-# el2n (tied at 26 by mean) are not significantly apart, random is behind staff. BLEU-4: only
-# p = 0.5 was paired (the p = 0.9 cells carry no per-row values), and nothing there is
-# significant.
+# Paired comparisons for RESULTS (as paired.py writes them; 8 seeds, although RESULTS shows two:
+# the tables read the comparisons as they are). lo/hi/p: the row bootstrap with the models
+# fixed; seed_lo/seed_hi/seed_p: the seed-level test, p_holm its Holm-adjusted p-value, which
+# the marks follow. ROUGE-L: at p = 0.5 staff is significantly ahead of random (the runner-up),
+# el2n significantly behind; at p = 0.9 staff and el2n (tied at 26 by mean) are not apart,
+# random is behind staff; el2n − random at p = 0.9 clears 0.05 before Holm (0.03) but not
+# after (0.12), while its row interval excludes 0. BLEU-4: only p = 0.5 was paired, and
+# nothing there is significant.
 PAIRED = """\
-metric,prune_rate,method,baseline,kind,delta,lo,hi,p,seed_std,n_seeds,n_rows,resamples,confidence
-rougeL,0.5,staff,random,random,2.0,0.8,3.1,0.004,1.0,2,10,1000,0.95
-rougeL,0.5,el2n,random,random,-10.0,-12.0,-8.0,0.0002,1.4,2,10,1000,0.95
-rougeL,0.5,staff,random,best_other,2.0,0.8,3.1,0.004,1.0,2,10,1000,0.95
-rougeL,0.5,random,staff,best_other,-2.0,-3.1,-0.8,0.004,1.0,2,10,1000,0.95
-rougeL,0.5,el2n,staff,best_other,-12.0,-14.0,-10.0,0.0002,1.4,2,10,1000,0.95
-rougeL,0.9,staff,random,random,4.0,-0.5,8.0,0.08,0.0,2,10,1000,0.95
-rougeL,0.9,el2n,random,random,4.0,0.5,7.5,0.03,2.8,2,10,1000,0.95
-rougeL,0.9,staff,el2n,best_other,0.0,-1.5,1.5,1.0,1.4,2,10,1000,0.95
-rougeL,0.9,random,staff,best_other,-4.0,-6.0,-2.0,0.001,0.0,2,10,1000,0.95
-rougeL,0.9,el2n,staff,best_other,0.0,-1.5,1.5,1.0,1.4,2,10,1000,0.95
-bleu4,0.5,staff,random,random,2.0,-0.4,4.5,0.11,1.4,2,10,1000,0.95
-bleu4,0.5,staff,random,best_other,2.0,-0.4,4.5,0.11,1.4,2,10,1000,0.95
-bleu4,0.5,el2n,random,random,-5.5,-9.0,0.5,0.07,0.7,2,10,1000,0.95
+metric,prune_rate,method,baseline,kind,delta,lo,hi,p,seed_std,n_seeds,n_rows,resamples,confidence,per_seed,seed_lo,seed_hi,seed_p,p_holm
+rougeL,0.5,staff,random,random,2.0,0.8,3.1,0.004,1.0,8,10,1000,0.95,1 2 3 2 1 3 2 2,1.0,3.0,0.0078125,0.0390625
+rougeL,0.5,el2n,random,random,-10.0,-12.0,-8.0,0.0002,1.4,8,10,1000,0.95,,-11.5,-8.5,0.0078125,0.046875
+rougeL,0.5,staff,random,best_other,2.0,0.8,3.1,0.004,1.0,8,10,1000,0.95,,1.0,3.0,0.0078125,0.03125
+rougeL,0.5,random,staff,best_other,-2.0,-3.1,-0.8,0.004,1.0,8,10,1000,0.95,,-3.0,-1.0,0.0078125,0.03125
+rougeL,0.5,el2n,staff,best_other,-12.0,-14.0,-10.0,0.0002,1.4,8,10,1000,0.95,,-13.0,-11.0,0.0078125,0.03125
+rougeL,0.9,staff,random,random,4.0,-0.5,8.0,0.08,0.0,8,10,1000,0.95,,-1.0,9.0,0.08,0.24
+rougeL,0.9,el2n,random,random,4.0,0.5,7.5,0.03,2.8,8,10,1000,0.95,,0.25,7.75,0.03,0.12
+rougeL,0.9,staff,el2n,best_other,0.0,-1.5,1.5,1.0,1.4,8,10,1000,0.95,,-2.0,2.0,1.0,1.0
+rougeL,0.9,random,staff,best_other,-4.0,-6.0,-2.0,0.001,0.0,8,10,1000,0.95,,-7.0,-1.0,0.0078125,0.03125
+rougeL,0.9,el2n,staff,best_other,0.0,-1.5,1.5,1.0,1.4,8,10,1000,0.95,,-2.0,2.0,1.0,1.0
+bleu4,0.5,staff,random,random,2.0,-0.4,4.5,0.11,1.4,8,10,1000,0.95,,-1.0,5.0,0.2,0.6
+bleu4,0.5,staff,random,best_other,2.0,-0.4,4.5,0.11,1.4,8,10,1000,0.95,,-1.0,5.0,0.2,1.0
+bleu4,0.5,el2n,random,random,-5.5,-9.0,0.5,0.07,0.7,8,10,1000,0.95,,-inf,0.5,0.3,0.6
 """
 
 
@@ -118,8 +122,8 @@ def test_best_is_bold_only_when_significantly_ahead_of_the_second(
     rows: list[dict[str, object]], paired: list[PairedDiff]
 ) -> None:
     table = metric_table(rows, "rougeL", paired)
-    # p = 0.5: staff significantly ahead of random: bold and underlined. p = 0.9: staff and el2n
-    # tie (interval [-1.5, 1.5]): nobody bold.
+    # p = 0.5: staff significantly ahead of random over seeds: bold and underlined. p = 0.9:
+    # staff and el2n tie (Holm p 1): nobody bold.
     assert line_of(table, "staff") == (
         "| staff |  | **33.00 ± 1.41** [31.0, 35.0] | 26.00 ± 1.41 [24.0, 28.0] |"
     )
@@ -131,54 +135,70 @@ def test_best_is_bold_only_when_significantly_ahead_of_the_second(
         == "| el2n |  | 21.00 ± 1.41 [19.0, 23.0] | 26.00 ± 0.00 [24.0, 28.0] |"
     )
     assert (
-        "- p = 0.5: **staff** significantly ahead of random: +2.00 [+0.80, +3.10], p-value 0.004."
-        in table
+        "- p = 0.5: **staff** significantly ahead of random: +2.00 [+1.00, +3.00], "
+        "p-value 0.008 (Holm 0.039)." in table
     )
     # random is significantly behind staff: not among the tied leaders.
     assert (
-        "- p = 0.9: leaders tied (staff, el2n); staff − el2n: +0.00 [-1.50, +1.50], p-value 1."
+        "- p = 0.9: leaders tied (staff, el2n); staff − el2n: +0.00 [-2.00, +2.00], p-value 1."
         in table
     )
     # BLEU-4: at p = 0.5 staff (13) leads random (11) without a significant gap; at p = 0.9
     # el2n leads staff but the pair was never tested.
     bleu = metric_table(rows, "bleu4", paired)
     assert "**" not in bleu.split("\n\n")[0]
-    assert "- p = 0.5: leaders tied (staff, random); staff − random: +2.00 [-0.40, +4.50]" in bleu
+    assert "- p = 0.5: leaders tied (staff, random); staff − random: +2.00 [-1.00, +5.00]" in bleu
     assert "- p = 0.9: leaders el2n, staff not tested (no paired per-row values)." in bleu
 
 
-def test_delta_blocks_mark_only_intervals_that_exclude_zero(
+def test_delta_blocks_mark_only_what_clears_holm_over_seeds(
     rows: list[dict[str, object]], paired: list[PairedDiff]
 ) -> None:
     table = delta_table(rows, paired, "rougeL")
-    assert table.splitlines()[0] == "| method − random | p = 0.5 | p = 0.9 |"
-    assert line_of(table, "staff") == (
-        "| staff | +2.00 ± 1.00 [+0.80, +3.10], p-value 0.004 ▲ "
-        "| +4.00 ± 0.00 [-0.50, +8.00], p-value 0.08 |"
+    assert table.splitlines()[0] == (
+        "| method − random | p | Δ [95% over seeds], p-value (Holm) | per-seed Δ "
+        "| models fixed: [95% over rows], p-value |"
     )
-    assert line_of(table, "el2n") == (
-        "| el2n | -10.00 ± 1.40 [-12.00, -8.00], p-value < 0.001 ▼ "
-        "| +4.00 ± 2.80 [+0.50, +7.50], p-value 0.03 ▲ |"
-    )
+    lines = [x for x in table.splitlines() if x.startswith("| staff |")]
+    assert lines == [
+        "| staff | 0.5 | +2.00 ± 1.00 [+1.00, +3.00], p-value 0.008 (Holm 0.039) ▲ "
+        "| +1.00, +2.00, +3.00, +2.00, +1.00, +3.00, +2.00, +2.00 "
+        "| [+0.80, +3.10], p-value 0.004 |",
+        "| staff | 0.9 | +4.00 ± 0.00 [-1.00, +9.00], p-value 0.08 (Holm 0.24) | — "
+        "| [-0.50, +8.00], p-value 0.08 |",
+    ]
+    el2n = [x for x in table.splitlines() if x.startswith("| el2n |")]
+    assert el2n[0].startswith("| el2n | 0.5 | -10.00 ± 1.40 [-11.50, -8.50], p-value 0.008")
+    assert el2n[0].split(" | ")[2].endswith("▼")
+    # Significant before Holm and on the rows with the models fixed, not after Holm: no mark.
+    assert "▲" not in el2n[1] and "▼" not in el2n[1]
+    assert "| [+0.50, +7.50], p-value 0.03 |" in el2n[1]
     assert "| random |" not in table
+    assert "Holm-adjusted over the 6 comparisons of this table" in table
     assert "1000 resamples of the 10 evaluation rows" in table
-    # No BLEU pair at p = 0.9: shown as "—".
+    # An interval the seeds cannot close shows its infinite end.
     bleu = delta_table(rows, paired, "bleu4")
-    assert line_of(bleu, "staff") == "| staff | +2.00 ± 1.40 [-0.40, +4.50], p-value 0.11 | — |"
+    assert "| el2n | 0.5 | -5.50 ± 0.70 [−∞, +0.50], p-value 0.3 (Holm 0.6) | — |" in bleu
 
 
-def test_verdict_says_who_beats_random_where(
+def test_verdict_says_who_beats_random_where_over_seeds(
     rows: list[dict[str, object]], paired: list[PairedDiff]
 ) -> None:
     text = verdict(rows, paired)
     assert text.startswith(
-        "Paired against random on the same evaluation rows and seeds (2 seeds; 10 evaluation "
-        "rows; 95% paired bootstrap intervals): At p = 0.5, staff beats random on ROUGE-L "
-        "(+2.00 [+0.80, +3.10], p-value 0.004); el2n is worse than random on ROUGE-L "
-        "(-10.00 [-12.00, -8.00], p-value < 0.001). At p = 0.9, el2n beats random on ROUGE-L "
-        "(+4.00 [+0.50, +7.50], p-value 0.03). Every other difference is within noise."
+        "Tested over training seeds (8 seeds; 10 evaluation rows held fixed): an exact "
+        "sign-flip test on each comparison's per-seed differences, Holm-corrected at 0.05 over "
+        "the 6 comparisons with random and of variants with their method. Seeds vary the "
+        "target's fine-tune"
     )
-    assert "6 comparisons with random" in text
+    assert "(`selection_seeds: shared`)" in text
+    assert text.endswith(
+        "At p = 0.5, staff beats random on ROUGE-L (+2.00 [+1.00, +3.00], p-value 0.008 (Holm "
+        "0.039)); el2n is worse than random on ROUGE-L (-10.00 [-11.50, -8.50], p-value 0.008 "
+        "(Holm 0.047)). At p = 0.9, no method differs significantly from random. Every other "
+        "difference is within seed-to-seed noise."
+    )
+    assert "selection_seeds: per_seed" in verdict(rows, paired, "per_seed")
     nothing = [d for d in paired if d.metric == "bleu4"]
     assert "At p = 0.5, no method differs significantly from random." in verdict(rows, nothing)
     assert verdict(rows, []).startswith("No paired comparison with random")
@@ -188,6 +208,18 @@ def test_verdict_says_who_beats_random_where(
     assert md.index("### Δ vs random: ROUGE-L") < md.index("## BLEU-4")
     # No cell has a reference NLL (a results.csv from before it): the section says so.
     assert "## Reference NLL (nats/token, lower is better)\n\n_No cell has a reference NLL" in md
+
+
+def test_too_few_seeds_mark_nothing_and_the_verdict_says_so(
+    rows: list[dict[str, object]], paired: list[PairedDiff]
+) -> None:
+    """The same comparisons from 3 seeds: 2/2^3 = 0.25 is the smallest p the test can give,
+    Holm's first step over 6 comparisons needs 0.05/6; 1 + log2(6/0.05) = 7.9, so 8 seeds."""
+    three = [dataclasses.replace(d, n_seeds=3) for d in paired]
+    text = verdict(rows, three)
+    assert "**Too few seeds for a verdict**: with 3 seeds the smallest p-value" in text
+    assert "is 0.25 (2/2^3)" in text and "takes at least 8 seeds" in text
+    assert "beats" not in text and "worse than" not in text
 
 
 def test_reference_nll_ranks_lower_first_and_missing_values_show_a_dash(

@@ -57,6 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="only rewrite results.csv, table.md and plots from the finished cells",
     )
+    bench.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="list the cells a run would do (new, stale, finished) with estimated times; "
+        "writes nothing",
+    )
     add_derive_parser(sub)
     add_agree_parser(sub)
     return parser
@@ -124,6 +130,11 @@ def run_bench_command(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from .bench import load_bench_config, report_only, run_bench
 
     cfg = load_bench_config(args.config, out=args.out)
+    if args.dry_run:
+        from .bench.estimate import estimate_bench, format_bench_estimate
+
+        print(format_bench_estimate(estimate_bench(cfg)))
+        return 0
     if args.report_only:
         written = report_only(cfg)
     else:

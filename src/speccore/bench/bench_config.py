@@ -27,6 +27,9 @@ DEFAULT_SEEDS = [0, 1, 2]
 # later keeps the sample-level cells already finished.
 TOKEN_SELECT_FIELDS = tuple(f for f in token_fields() if f not in bench_set_fields())
 ROW_SAMPLING = ("first", "random")
+#: ``selection_seeds``: ``shared``, the selection's own fine-tunes (small model, tuned target,
+#: verification LoRA) use one tune seed for every cell seed; ``per_seed``, each cell's seed.
+SELECTION_SEEDS = ("shared", "per_seed")
 
 
 @dataclass
@@ -119,6 +122,12 @@ class BenchConfig:
     max_batch_tokens: int = 4096
     # SelectConfig fields for the selection (regions, verify_per_region, small_epochs, ...).
     select: dict[str, Any] = field(default_factory=dict)
+    # Whether the cell seed also seeds the selection's own fine-tunes (its ``tune_seed``: the
+    # small model's LoRA, the tuned target of GraNd/EL2N/CCS/D2, STAFF's verification LoRA):
+    # per_seed makes a seed vary what a user's rerun would vary, at one selection fine-tune per
+    # seed; shared (the default, as benches ran before the setting) fine-tunes once per method
+    # and the verdict holds for that one fine-tune.
+    selection_seeds: str = "shared"
     generation: GenerationSettings = field(default_factory=GenerationSettings)
     metrics: MetricSettings = field(default_factory=MetricSettings)
     # One score/adapter cache for every method (a stage computed once serves all methods, so
@@ -172,6 +181,8 @@ class BenchConfig:
             "token_keep": token_keep,
             "cache_dir": str(cache),
         }
+        if self.selection_seeds == "per_seed":
+            settings["tune_seed"] = seed
         return SelectConfig.from_dict(settings)
 
     def base_method(self, name: str) -> str:
@@ -247,6 +258,15 @@ class BenchConfig:
             raise ConfigError(f"generation.stop takes non-empty strings, got {g.stop!r}")
         if self.finetune.seed != TrainSettings.seed:
             raise ConfigError("finetune.seed is not used: each cell's seed comes from `seeds`")
+        if self.selection_seeds not in SELECTION_SEEDS:
+            raise ConfigError(
+                f"selection_seeds must be shared or per_seed, got {self.selection_seeds!r}"
+            )
+        if self.selection_seeds == "per_seed" and "tune_seed" in self.select:
+            raise ConfigError(
+                "select.tune_seed is set by the bench from seeds when selection_seeds is "
+                "per_seed; remove it"
+            )
         self.metrics.validate()
         self.select_config("random", 0.5, 0).validate()
         for name in self.variants:

@@ -64,7 +64,10 @@ class MetricSettings:
     with the Porter stemmer, any other language the Unicode tokenizer without stemming
     (``rouge_tokenizer: auto``). ``rouge_tokenizer`` forces ``default`` or ``unicode``.
     ``bootstrap`` resamples of per-sample ROUGE-L and ``bleu_bootstrap`` of corpus BLEU give the
-    ``confidence`` interval, seeded by ``bootstrap_seed``.
+    ``confidence`` interval, seeded by ``bootstrap_seed``. ``generate_rows``: how many of the
+    evaluation rows (the first ones) are generated on for ROUGE-L and BLEU-4; ``None``: all of
+    them, ``0``: none (the cell is scored by its reference NLL only, on every evaluation row,
+    which costs one forward pass per row instead of a decode per token).
     """
 
     language: str = "en"
@@ -74,8 +77,14 @@ class MetricSettings:
     bleu_bootstrap: int = 200
     bootstrap_seed: int = 0
     confidence: float = 0.95
+    generate_rows: int | None = None
 
     def validate(self) -> None:
+        if self.generate_rows is not None and self.generate_rows < 0:
+            raise ConfigError(
+                "metrics.generate_rows must be >= 0 (0: reference NLL only; leave it out to "
+                f"generate on every evaluation row), got {self.generate_rows}"
+            )
         if self.rouge_tokenizer not in ROUGE_TOKENIZERS:
             raise ConfigError(
                 f"metrics.rouge_tokenizer must be one of {', '.join(ROUGE_TOKENIZERS)}, "

@@ -28,8 +28,15 @@ BLEU-4 is a corpus metric: each resample sums each cell's per-row sufficient sta
 sums (:func:`~speccore.bench.metrics.bleu_from_statistics_batch`, sacrebleu's formula
 vectorised), then averages the per-seed BLEU differences.
 
-The intervals describe the evaluation-row sampling with the seeds held fixed; how much the
-difference moves from seed to seed is ``seed_std``, reported next to it.
+**The verdict is seed-level.** The row intervals above describe the evaluation-row sampling
+with the trained models held fixed ("models fixed" in the tables): they shrink with more rows
+however few seeds ran, so they are a secondary column only. Every comparison also carries its
+per-seed differences ``per_seed`` and the exact sign-flip test over them
+(:mod:`speccore.bench.seeds`): ``seed_lo``/``seed_hi``/``seed_p``. :func:`compare_cells` then
+corrects the seed-level p-values with Holm's procedure within two families, the comparisons
+that can be marked ▲/▼ (each method against random, each variant against its method) and the
+leaders' comparisons (each method against its best other), into ``p_holm``;
+:attr:`PairedDiff.better` and :attr:`PairedDiff.worse` follow ``p_holm``.
 """
 
 from __future__ import annotations
@@ -47,8 +54,7 @@ from typing import Any
 import numpy as np
 
 from ..utils.io import atomic_open
-from .metrics import MetricSettings, bleu_from_statistics_batch, bleu_statistics
-from .tables import (
+from .labels import (
     FULL,
     RANDOM,
     VARIANT_KIND,
@@ -57,6 +63,8 @@ from .tables import (
     order_by_mean,
     row_label,
 )
+from .metrics import MetricSettings, bleu_from_statistics_batch, bleu_statistics
+from .seeds import holm_adjust, sign_flip_test
 
 logger = logging.getLogger(__name__)
 
@@ -70,9 +78,14 @@ _MAX_ENTRIES = 2_000_000  # resample-count matrix entries drawn at once
 _CACHED_ENTRIES = 4_000_000  # up to 32 MB of counts kept per cached set
 
 
+_NAN = float("nan")
+
+
 @dataclass(frozen=True)
 class PairedResult:
-    """A paired difference A − B: see the module docstring."""
+    """A paired difference A − B: see the module docstring. ``lo``, ``hi`` and ``p`` are the
+    row bootstrap with the models fixed; ``per_seed`` the per-seed differences and
+    ``seed_lo``, ``seed_hi``, ``seed_p`` their exact sign-flip test (the verdict's)."""
 
     delta: float
     lo: float
@@ -83,33 +96,51 @@ class PairedResult:
     n_rows: int
     resamples: int
     confidence: float = 0.95
+    per_seed: tuple[float, ...] = ()
+    seed_lo: float = _NAN
+    seed_hi: float = _NAN
+    seed_p: float = _NAN
 
 
 @dataclass(frozen=True)
 class PairedDiff(PairedResult):
     """``method`` − ``baseline`` on ``metric`` at ``prune_rate`` (``kind``: :data:`VS_RANDOM`,
-    :data:`VS_BEST` or :data:`VS_BASE`)."""
+    :data:`VS_BEST` or :data:`VS_BASE`); ``p_holm``: ``seed_p`` Holm-adjusted within its
+    family (NaN: not adjusted, ``seed_p`` decides)."""
 
     metric: str = ""
     prune_rate: float = 0.0
     method: str = ""
     baseline: str = ""
     kind: str = VS_RANDOM
+    p_holm: float = _NAN
+
+    @property
+    def decision_p(self) -> float:
+        """The p-value the marks follow: ``p_holm``, or ``seed_p`` when not adjusted."""
+        return self.seed_p if math.isnan(self.p_holm) else self.p_holm
 
     @property
     def significant(self) -> bool:
-        """The interval excludes 0 (False without an interval)."""
-        return bool(self.lo > 0 or self.hi < 0)
+        """The seed-level test rejects 0 at ``1 - confidence`` after Holm (False without a
+        test)."""
+        p = self.decision_p
+        return bool(not math.isnan(p) and p <= 1 - self.confidence and self.delta != 0)
 
     @property
     def better(self) -> bool:
         """``method`` is significantly better than ``baseline`` (for NLL: lower)."""
-        ahead = self.lo > 0 if higher_is_better(self.metric) else self.hi < 0
-        return bool(ahead)
+        up = self.delta > 0 if higher_is_better(self.metric) else self.delta < 0
+        return self.significant and bool(up)
 
     @property
     def worse(self) -> bool:
         return self.significant and not self.better
+
+    @property
+    def rows_significant(self) -> bool:
+        """The "models fixed" row interval excludes 0 (False without an interval)."""
+        return bool(self.lo > 0 or self.hi < 0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -198,8 +229,8 @@ def _check_pair(a: Any, b: Any, ndim: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _result(per_seed: np.ndarray, draws: np.ndarray, n: int, confidence: float) -> PairedResult:
-    """Point estimate and seed spread from the per-seed differences; interval and p from the
-    resampled differences (NaN without resamples)."""
+    """Point estimate, seed spread and the seed-level test from the per-seed differences; the
+    models-fixed interval and p from the resampled differences (NaN without resamples)."""
     delta = float(per_seed.mean())
     seed_std = float(np.std(per_seed, ddof=1)) if len(per_seed) > 1 else None
     if len(draws) == 0:
@@ -209,7 +240,35 @@ def _result(per_seed: np.ndarray, draws: np.ndarray, n: int, confidence: float) 
         lo, hi = (float(x) for x in np.percentile(draws, [tail, 100 - tail]))
         share = (1 + np.array([(draws <= 0).sum(), (draws >= 0).sum()])) / (1 + len(draws))
         p = float(min(1.0, 2 * share.min()))
-    return PairedResult(delta, lo, hi, p, seed_std, len(per_seed), n, len(draws), confidence)
+    test = sign_flip_test(per_seed, confidence)
+    return PairedResult(
+        delta,
+        lo,
+        hi,
+        p,
+        seed_std,
+        len(per_seed),
+        n,
+        len(draws),
+        confidence,
+        tuple(float(x) for x in per_seed),
+        test.lo,
+        test.hi,
+        test.p,
+    )
+
+
+def holm_families(diffs: Sequence[PairedDiff]) -> list[PairedDiff]:
+    """``diffs`` with ``p_holm`` set: Holm over the seed-level p-values of each family, the
+    comparisons that can be marked (against random, variants against their method) and the
+    leaders' (against the best other method), every metric and pruning rate together."""
+    out = list(diffs)
+    for family in ({VS_RANDOM, VS_BASE}, {VS_BEST}):
+        members = [i for i, d in enumerate(out) if d.kind in family]
+        adjusted = holm_adjust([out[i].seed_p for i in members])
+        for i, p in zip(members, adjusted, strict=True):
+            out[i] = dataclasses.replace(out[i], p_holm=p)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -295,7 +354,7 @@ def compare_cells(
         at_rate = {label: g for (label, r), g in groups.items() if r == rate}
         for metric in metrics:
             out += _compare_at(at_rate, metric, rate, settings, bases or {})
-    return out
+    return holm_families(out)
 
 
 def _groups(
@@ -393,6 +452,11 @@ CSV_COLUMNS = [
     "n_rows",
     "resamples",
     "confidence",
+    "per_seed",
+    "seed_lo",
+    "seed_hi",
+    "seed_p",
+    "p_holm",
 ]
 _INT_COLUMNS = {"n_seeds", "n_rows", "resamples"}
 _TEXT_COLUMNS = {"metric", "method", "baseline", "kind"}
@@ -413,20 +477,70 @@ def read_paired_csv(path: str | Path) -> list[PairedDiff]:
 
 
 def _csv_text(value: Any) -> str:
+    if isinstance(value, tuple):  # per_seed: the differences, space-separated
+        return " ".join(repr(float(v)) for v in value)
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return ""
     return repr(value) if isinstance(value, float) else str(value)
 
 
 def _parse(row: dict[str, str]) -> PairedDiff:
+    """One comparison; a paired.csv written before the seed-level columns reads with them
+    empty (NaN)."""
     values: dict[str, Any] = {}
     for key, text in row.items():
         if key in _TEXT_COLUMNS:
             values[key] = text
         elif key in _INT_COLUMNS:
             values[key] = int(text)
+        elif key == "per_seed":
+            values[key] = tuple(float(v) for v in text.split())
         elif text == "":
             values[key] = None if key == "seed_std" else float("nan")
         else:
             values[key] = float(text)
     return PairedDiff(**values)
+
+
+# ---------------------------------------------------------------------------------------------
+# Seed-level tests from results.csv alone
+# ---------------------------------------------------------------------------------------------
+
+
+def seed_tests_from_rows(
+    diffs: Sequence[PairedDiff], rows: Sequence[Mapping[str, Any]]
+) -> list[PairedDiff]:
+    """``diffs`` (e.g. an old ``paired.csv``) with their per-seed differences and seed-level
+    tests recomputed from ``results.csv`` rows, then Holm-adjusted.
+
+    A mean metric's per-seed difference is the difference of the two cells' means on the same
+    rows, and BLEU's the difference of their corpus BLEU: the test needs the cells' metrics
+    only, not their per-row values. The models-fixed columns are kept as they are.
+    """
+    by_cell = {
+        (row_label(dict(r)), round(float(r["prune_rate"]), 9), int(r["seed"] or 0)): r
+        for r in rows
+        if r["method"] not in (FULL, ZERO_SHOT)
+    }
+    out = []
+    for d in diffs:
+        rate = round(d.prune_rate, 9)
+        per_seed = []
+        for (label, r, seed), row in sorted(by_cell.items(), key=lambda kv: kv[0][2]):
+            other = by_cell.get((d.baseline, rate, seed))
+            if label != d.method or r != rate or other is None:
+                continue
+            if row.get(d.metric) is not None and other.get(d.metric) is not None:
+                per_seed.append(float(row[d.metric]) - float(other[d.metric]))
+        test = sign_flip_test(per_seed, d.confidence)
+        out.append(
+            dataclasses.replace(
+                d,
+                per_seed=tuple(per_seed),
+                seed_lo=test.lo,
+                seed_hi=test.hi,
+                seed_p=test.p,
+                n_seeds=len(per_seed) or d.n_seeds,
+            )
+        )
+    return holm_families(out)

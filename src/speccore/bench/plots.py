@@ -121,9 +121,10 @@ def plot_delta_vs_random(
     metric: str,
     path: Path,
 ) -> Path | None:
-    """Each method − random per pruning rate with its paired interval (asymmetric error bars)
-    and a zero line; markers filled where the interval excludes 0. None (nothing written)
-    without any such comparison."""
+    """Each method − random per pruning rate: the per-seed differences as small dots, their
+    mean with the seed-level interval (error bars where it is finite) and a zero line; the
+    mean's marker is filled where the Holm-corrected seed-level test marks it. None (nothing
+    written) without any such comparison."""
     rates = prune_rates_in(rows)
     methods = [m for m in methods_in_order(rows) if m != RANDOM]
     diffs = {(m, p): find_diff(comparisons, metric, p, m, RANDOM) for m in methods for p in rates}
@@ -139,9 +140,19 @@ def plot_delta_vs_random(
             continue
         x = np.array([i for i, _ in found]) + (k - (len(methods) - 1) / 2) * width
         y = np.array([d.delta for _, d in found])
-        err = np.array([[d.delta - d.lo, d.hi - d.delta] for _, d in found]).T
+        # Too few seeds give infinite ends: no bar then (the dots show the spread).
+        err = np.array(
+            [
+                [d.delta - d.seed_lo, d.seed_hi - d.delta]
+                if np.isfinite([d.seed_lo, d.seed_hi]).all()
+                else [0.0, 0.0]
+                for _, d in found
+            ]
+        ).T
         # The error bar carries the legend entry: one per method, whatever its markers.
         ax.errorbar(x, y, yerr=err, fmt="none", ecolor=colors[m], capsize=3, label=m)
+        for xi, (_, d) in zip(x, found, strict=True):
+            ax.scatter([xi] * len(d.per_seed), d.per_seed, s=8, color=colors[m], alpha=0.5)
         filled = np.array([d.significant for _, d in found])
         ax.scatter(x[filled], y[filled], color=colors[m], zorder=3)
         ax.scatter(x[~filled], y[~filled], facecolors="white", edgecolors=colors[m], zorder=3)
@@ -153,8 +164,8 @@ def plot_delta_vs_random(
     ax.set_ylabel(f"Δ {name}: method − random ({better})")
     level = next(d.confidence for d in diffs.values() if d is not None)
     ax.set_title(
-        f"Δ {name} vs random, {100 * level:g}% paired bootstrap interval\n"
-        "(filled: interval excludes 0)",
+        f"Δ {name} vs random: per-seed differences (dots), mean and {100 * level:g}% "
+        "interval over seeds\n(filled: significant after Holm)",
         fontsize="medium",
     )
     ax.grid(alpha=0.3, axis="y")

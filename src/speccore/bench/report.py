@@ -11,8 +11,21 @@ from typing import Any
 
 from ..utils.io import atomic_open
 from .metrics import MetricSettings
-from .paired import compare_cells, write_paired_csv
-from .tables import FULL, ZERO_SHOT, render_tables, stage_column, write_results_csv
+from .paired import (
+    PairedDiff,
+    compare_cells,
+    read_paired_csv,
+    seed_tests_from_rows,
+    write_paired_csv,
+)
+from .tables import (
+    FULL,
+    ZERO_SHOT,
+    read_results_csv,
+    render_tables,
+    stage_column,
+    write_results_csv,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -85,26 +98,68 @@ def write_reports(
     *,
     plots: bool = True,
     bases: Mapping[str, str] | None = None,
+    note: str | None = None,
 ) -> list[Path]:
     """Write ``results.csv`` and ``table.md`` (and the plots) from ``cells``; returns the paths.
 
-    ``bases``: each variant's method (:meth:`BenchConfig.variant_bases`), to compare the two."""
+    ``bases``: each variant's method (:meth:`BenchConfig.variant_bases`), to compare the two;
+    ``note``: a line under the table's title."""
     rows = collect_rows(cells, planned_methods(folder))
     if not rows:
         return []
+    comparisons = compare_cells(cells, metric_settings(cells), bases=bases)
+    return write_tables(folder, rows, comparisons, selection_seeds(cells), plots=plots, note=note)
+
+
+def write_tables(
+    folder: Path,
+    rows: list[dict[str, Any]],
+    comparisons: list[PairedDiff],
+    seeds_setting: str = "shared",
+    *,
+    plots: bool = True,
+    note: str | None = None,
+) -> list[Path]:
+    """``results.csv``, ``paired.csv``, ``table.md`` and the plots from rows and comparisons."""
     csv_path, table_path = folder / "results.csv", folder / "table.md"
     paired_path = folder / "paired.csv"
     write_results_csv(csv_path, rows)
-    comparisons = compare_cells(cells, metric_settings(cells), bases=bases)
     write_paired_csv(paired_path, comparisons)
+    title = f"Bench results: {folder.name}"
     with atomic_open(table_path) as f:
-        f.write(render_tables(rows, title=f"Bench results: {folder.name}", comparisons=comparisons))
+        f.write(render_tables(rows, title, comparisons, seeds_setting, note))
     written = [csv_path, paired_path, table_path]
     if plots:
         from .plots import write_plots
 
         written += write_plots(folder, rows, comparisons)
     return written
+
+
+def selection_seeds(cells: Mapping[str, Mapping[str, Any]]) -> str:
+    """The bench's ``selection_seeds`` as its cells recorded it (cells from before the setting
+    shared the selection's fine-tunes between seeds)."""
+    for record in cells.values():
+        value = (record.get("settings") or {}).get("selection_seeds")
+        if isinstance(value, str):
+            return value
+    return "shared"
+
+
+def tables_from_results(folder: Path, *, plots: bool = True, note: str | None = None) -> list[Path]:
+    """Rewrite a bench folder's tables without its cells: rows from ``results.csv``, the
+    models-fixed columns from ``paired.csv``, the seed-level tests recomputed from the rows
+    (:func:`~speccore.bench.paired.seed_tests_from_rows`). For results committed without
+    their cells."""
+    rows = read_results_csv(folder / "results.csv")
+    old = read_paired_csv(folder / "paired.csv") if (folder / "paired.csv").is_file() else []
+    comparisons = seed_tests_from_rows(old, rows)
+    settings: dict[str, Any] = {}
+    if (folder / "bench_config.json").is_file():
+        config = json.loads((folder / "bench_config.json").read_text(encoding="utf-8"))
+        settings = config.get("settings") or {}
+    seeds_setting = str(settings.get("selection_seeds", "shared"))
+    return write_tables(folder, rows, comparisons, seeds_setting, plots=plots, note=note)
 
 
 def metric_settings(cells: Mapping[str, Mapping[str, Any]]) -> MetricSettings | None:

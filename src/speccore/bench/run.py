@@ -38,8 +38,9 @@ from ..utils.progress import progress
 from ..utils.runfolder import write_marker
 from .bench_config import THROUGHPUT_ONLY, BenchConfig, check_bench_folder, load_bench_config
 from .generate import generate
-from .metrics import evaluate_rows, reference_nll_rows
+from .metrics import evaluate_rows, nll_metrics, reference_nll_rows
 from .report import collect_rows, write_reports
+from .versions import cell_fingerprint, cell_versions, what_changed
 
 if TYPE_CHECKING:
     import datasets
@@ -53,6 +54,8 @@ logger = logging.getLogger(__name__)
 
 FULL = "full"
 ZERO_SHOT = "zero-shot"
+#: Metrics that need generated text (None in a cell scored by its reference NLL only).
+GENERATED_METRICS = ("rougeL", "rougeL_lo", "rougeL_hi", "bleu4", "bleu4_lo", "bleu4_hi")
 
 
 @dataclass(frozen=True)
@@ -151,6 +154,8 @@ class BenchRunner:
         self._train_tokens: TokenizedData | None = None
         self._eval_tokens: TokenizedData | None = None
         self._prompts: list[str] | None = None
+        # False: the training subset is not written into the bench folder (the dry run).
+        self.data_to_write = True
 
     @property
     def expected_work(self) -> list[ModelWork]:
@@ -160,7 +165,7 @@ class BenchRunner:
 
         work: list[ModelWork] = []
         for cell in plan_cells(self.cfg):
-            if cell.seed is None:
+            if cell.seed is None or cell.method in (FULL, ZERO_SHOT):
                 continue
             cfg = self.cfg.select_config(cell.method, cell.prune_rate, cell.seed, cell.token_keep)
             work += get_method(cfg.method).requests(cfg, len(self.data.train))
@@ -173,6 +178,10 @@ class BenchRunner:
         done = load_cells(self.folder)
         check_settings(done, self.settings, self.folder, self.token_settings)
         cells = plan_cells(self.cfg)
+        # Cells made by other code or another variant definition are run again, never mixed in.
+        for name, changed in self.stale(cells, done).items():
+            logger.warning("cell %s is stale (%s): running it again", name, "; ".join(changed))
+            del done[name]
         todo = [c for c in cells if c.name not in done]
         if todo:
             # Before anything is written: a missing or bad data file leaves no folder behind.
@@ -205,6 +214,26 @@ class BenchRunner:
         result.rows = collect_rows(done)
         return result
 
+    def versions(self, cell: Cell) -> dict[str, Any]:
+        """The code versions ``cell``'s result depends on (:mod:`speccore.bench.versions`)."""
+        selected = cell.method not in (FULL, ZERO_SHOT)
+        method = self.cfg.base_method(cell.method) if selected else None
+        return cell_versions(method, fine_tuned=cell.method != ZERO_SHOT)
+
+    def cell_fp(self, cell: Cell) -> str:
+        return cell_fingerprint(self.versions(cell), self.cfg.variants.get(cell.method))
+
+    def stale(self, cells: list[Cell], done: dict[str, dict[str, Any]]) -> dict[str, list[str]]:
+        """The planned cells already finished by other code or under another variant
+        definition, with what changed."""
+        out = {}
+        for cell in cells:
+            record = done.get(cell.name)
+            if record is not None and record.get("cell_fp") != self.cell_fp(cell):
+                variant = self.cfg.variants.get(cell.method)
+                out[cell.name] = what_changed(record, self.versions(cell), variant) or ["unknown"]
+        return out
+
     def run_cell(self, cell: Cell) -> dict[str, Any]:
         """Select (unless full or zero-shot), fine-tune, generate and score one cell."""
         logger.info("cell %s", cell.name)
@@ -214,9 +243,7 @@ class BenchRunner:
         indices = np.arange(len(self.data.train)) if selection is None else selection.indices
         run = self.predict(cell, indices, tokens)
         start = time.perf_counter()
-        metrics, per_row = evaluate_rows(
-            run.predictions, self.data.references, self.cfg.metrics, nll=run.nll
-        )
+        metrics, per_row = self.evaluate(run)
         record = {
             "name": cell.name,
             "method": cell.method,
@@ -239,6 +266,10 @@ class BenchRunner:
             "per_row": per_row,
             "settings_fp": self.settings_fp,
             "settings": self.settings,
+            "code_versions": self.versions(cell),
+            "cell_fp": self.cell_fp(cell),
+            # The seed of the selection's own fine-tunes (None: no selection).
+            "tune_seed": None if selection is None else selection.config.get("tune_seed"),
             # A variant's own settings (another small model...), which `settings` does not show.
             **(
                 {"variant": self.cfg.variants[cell.method]}
@@ -250,6 +281,17 @@ class BenchRunner:
         }
         _log_cell(record)
         return record
+
+    def evaluate(self, run: CellRun) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The cell's metrics and per-row values: ROUGE-L and BLEU-4 on the rows it generated
+        for (``metrics.generate_rows``, the first ones), the reference NLL on every row."""
+        if run.predictions:
+            refs = self.data.references[: len(run.predictions)]
+            return evaluate_rows(run.predictions, refs, self.cfg.metrics, nll=run.nll)
+        assert run.nll is not None
+        metrics: dict[str, Any] = dict.fromkeys(GENERATED_METRICS)
+        metrics.update(nll_metrics(run.nll, self.cfg.metrics), n_eval=0)
+        return metrics, {"nll": run.nll.tolist()}
 
     def select(self, cell: Cell) -> tuple[Selection, TokenSelection | None]:
         """The cell's coreset, and its token masks when ``cell.token_keep < 1``."""
@@ -334,12 +376,21 @@ class BenchRunner:
         )
         return data
 
+    @property
+    def generate_rows(self) -> int:
+        """How many evaluation rows (the first ones) are generated on."""
+        limit = self.cfg.metrics.generate_rows
+        n = len(self.data.eval)
+        return n if limit is None else min(limit, n)
+
     def generate(self, model: Any, cell: Cell) -> list[str]:
         g = self.cfg.generation
+        if self.generate_rows == 0:  # reference NLL only
+            return []
         return generate(
             model,
             self.loaded.tokenizer,
-            self.prompts,
+            self.prompts[: self.generate_rows],
             max_new_tokens=g.max_new_tokens,
             batch_size=g.batch_size,
             max_prompt_tokens=self.cfg.prompt_budget,
@@ -353,7 +404,7 @@ class BenchRunner:
     @property
     def data(self) -> BenchData:
         if self._data is None:
-            self._data = prepare_data(self.cfg)
+            self._data = prepare_data(self.cfg, write=self.data_to_write)
         return self._data
 
     @property
@@ -409,9 +460,9 @@ class BenchRunner:
 # ---------------------------------------------------------------------------------------------
 
 
-def prepare_data(cfg: BenchConfig) -> BenchData:
+def prepare_data(cfg: BenchConfig, write: bool = True) -> BenchData:
     """Load (and subset) training and evaluation rows; write the training subset the selections
-    read into the bench folder."""
+    read into the bench folder (unless ``write`` is False)."""
     d = cfg.data
     train = load_rows(d.train, d.split, flag="data.train", split_flag="data.split")
     train = take_rows(train, d.train_rows, d.row_sampling, d.data_seed)
@@ -420,7 +471,7 @@ def prepare_data(cfg: BenchConfig) -> BenchData:
     evaluation = load_rows(d.eval, d.eval_split, flag="data.eval", split_flag=eval_split_flag)
     evaluation = take_rows(evaluation, d.eval_rows, d.row_sampling, d.data_seed)
     references = reference_texts(evaluation, d.reference_fields())
-    if d.train_rows is not None:  # written once both files are known to be good
+    if d.train_rows is not None and write:  # written once both files are known to be good
         write_rows(Path(cfg.train_path()), train)
     logger.info("bench data: %d training rows, %d evaluation rows", len(train), len(evaluation))
     return BenchData(train, evaluation, references)
@@ -506,9 +557,16 @@ def check_settings(
     for name, record in cells.items():
         if record.get("settings_fp") == fp:
             continue
-        changed = sorted(_diff(_flatten(record.get("settings", {})), _flatten(settings)))
-        # Cells written while a throughput-only setting was still fingerprinted stay valid.
-        changed = [c for c in changed if c not in _THROUGHPUT_KEYS]
+        stored = _flatten(record.get("settings", {}))
+        changed = sorted(_diff(stored, _flatten(settings)))
+        # Cells written while a throughput-only setting was still fingerprinted stay valid, and
+        # so do cells written before a setting existed when it is at its default (which is
+        # what those cells did).
+        changed = [
+            c
+            for c in changed
+            if c not in _THROUGHPUT_KEYS and not (c not in stored and _at_default(c, settings))
+        ]
         if "settings" in record and not changed:
             continue
         raise ConfigError(
@@ -531,6 +589,12 @@ def check_settings(
 
 
 _THROUGHPUT_KEYS = {f"{group}.{key}" for group, key in THROUGHPUT_ONLY}
+
+
+def _at_default(key: str, settings: dict[str, Any]) -> bool:
+    """Whether a flattened settings ``key`` holds the value a default bench config gives it."""
+    defaults = _flatten(BenchConfig().settings_dict())
+    return key in defaults and _flatten(settings).get(key) == defaults[key]
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -593,14 +657,12 @@ def _log_cell(record: dict[str, Any]) -> None:
     m = record["metrics"]
     sel = record["selection"] or {}
     logger.info(
-        "cell %s: ROUGE-L %.2f [%.2f, %.2f], BLEU-4 %.2f, reference NLL %s; selection %.1f s, "
+        "cell %s: ROUGE-L %s, BLEU-4 %s, reference NLL %s; selection %.1f s, "
         "fine-tune %.1f s, NLL %.1f s, generation %.1f s",
         record["name"],
-        m["rougeL"],
-        m["rougeL_lo"],
-        m["rougeL_hi"],
-        m["bleu4"],
-        "—" if m.get("nll") is None else f"{m['nll']:.3f}",
+        _fmt(m.get("rougeL"), 2),
+        _fmt(m.get("bleu4"), 2),
+        _fmt(m.get("nll"), 3),
         sel.get("seconds") or 0.0,
         record["train_seconds"] or 0.0,
         record.get("nll_seconds") or 0.0,
@@ -615,11 +677,38 @@ def _log_cell(record: dict[str, Any]) -> None:
         )
 
 
+REBUILT_NOTE = (
+    "_Rebuilt from `results.csv` and `paired.csv` without the cells: the seed-level tests from "
+    "each cell's metrics, the models-fixed columns as they were._"
+)
+
+
+def _fmt(value: Any, digits: int) -> str:
+    return "—" if value is None else f"{value:.{digits}f}"
+
+
 def report_only(config: BenchConfig | str | Path, *, plots: bool = True) -> list[Path]:
-    """Rewrite ``results.csv``, ``table.md`` and the plots from the finished cells only."""
+    """Rewrite ``results.csv``, ``table.md`` and the plots from the finished cells only.
+
+    Stale cells (made by other code or another variant definition) are reported as they
+    are, and the table says how many there are. A folder with a ``results.csv`` but no
+    cells (results committed without them) is rebuilt from ``results.csv`` and
+    ``paired.csv``."""
+    from .report import tables_from_results
+
     cfg = config if isinstance(config, BenchConfig) else load_bench_config(config)
     cells = load_cells(cfg.folder)
     if not cells:
+        if (cfg.folder / "results.csv").is_file():
+            return tables_from_results(cfg.folder, plots=plots, note=REBUILT_NOTE)
         raise ConfigError(f"no finished cells in {cfg.folder / 'cells'}; run the bench first")
     check_settings(cells, cfg.settings_dict(), cfg.folder, cfg.token_settings())
-    return write_reports(cfg.folder, cells, plots=plots, bases=cfg.variant_bases())
+    stale = BenchRunner(cfg).stale(plan_cells(cfg), cells)
+    note: str | None = None
+    if stale:
+        note = (
+            f"_{len(stale)} of {len(cells)} cells are stale (made by older code or another "
+            f"variant definition; a run would redo them): {', '.join(sorted(stale))}. They "
+            "are reported as they are._"
+        )
+    return write_reports(cfg.folder, cells, plots=plots, bases=cfg.variant_bases(), note=note)

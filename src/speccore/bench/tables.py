@@ -26,24 +26,24 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..utils.io import atomic_open
+from .labels import (  # noqa: F401  (re-exported: the tables' vocabulary)
+    FULL,
+    LOWER_IS_BETTER,
+    METRICS,
+    RANDOM,
+    REFERENCE_LABELS,
+    SHORT_NAMES,
+    VARIANT_KIND,
+    ZERO_SHOT,
+    higher_is_better,
+    order_by_mean,
+    row_label,
+)
+from .seeds import min_p_value, seeds_needed
 
 if TYPE_CHECKING:
     from .paired import PairedDiff
 
-FULL = "full"
-ZERO_SHOT = "zero-shot"
-REFERENCE_LABELS = {ZERO_SHOT: "zero-shot (no fine-tuning)", FULL: "full data (p = 0)"}
-RANDOM = "random"
-#: ``PairedDiff.kind`` of a variant compared with the method it varies (see bench.paired).
-VARIANT_KIND = "base"
-METRICS = {
-    "rougeL": "ROUGE-L (F1 × 100)",
-    "bleu4": "BLEU-4",
-    "nll": "Reference NLL (nats/token, lower is better)",
-}
-SHORT_NAMES = {"rougeL": "ROUGE-L", "bleu4": "BLEU-4", "nll": "reference NLL"}
-LOWER_IS_BETTER = frozenset({"nll"})
-# (mean, interval) decimals: NLL differences between methods live in the second decimal.
 _DECIMALS = {"nll": (3, 3)}
 BASE_COLUMNS = [
     "method",
@@ -150,22 +150,27 @@ def render_tables(
     rows: Sequence[dict[str, Any]],
     title: str = "Bench results",
     comparisons: Sequence[PairedDiff] | None = None,
+    selection_seeds: str = "shared",
+    note: str | None = None,
 ) -> str:
     """The whole ``table.md``: the verdict, per metric its results table and its "Δ vs random"
     block, then agreement and the overhead.
 
     ``comparisons``: the bench's paired differences (:func:`speccore.bench.paired.compare_cells`
     or a ``paired.csv``); without them the tables rank by mean and say it is untested.
+    ``selection_seeds``: the bench's setting, for the sources of variance the verdict names;
+    ``note``: a line under the title (e.g. that some cells are stale).
     """
-    parts = [f"# {title}", "", "## Verdict", "", verdict(rows, comparisons), ""]
+    parts = [f"# {title}", ""] + ([note, ""] if note else [])
+    parts += ["## Verdict", "", verdict(rows, comparisons, selection_seeds), ""]
     for metric, label in METRICS.items():
-        if metric == "nll" and not _has(rows, metric) and not _any_for(comparisons, metric):
-            parts += [
-                f"## {label}",
-                "",
-                "_No cell has a reference NLL (cells made before it)._",
-                "",
-            ]
+        if not _has(rows, metric) and not _any_for(comparisons, metric):
+            why = (
+                "_No cell has a reference NLL (cells made before it)._"
+                if metric == "nll"
+                else "_No cell generated text (`metrics.generate_rows: 0`: reference NLL only)._"
+            )
+            parts += [f"## {label}", "", why, ""]
             continue
         parts += [f"## {label}", "", metric_table(rows, metric, comparisons), ""]
         if comparisons is not None:
@@ -198,19 +203,6 @@ def compute_line(rows: Sequence[dict[str, Any]]) -> str:
     )
 
 
-def higher_is_better(metric: str) -> bool:
-    return metric not in LOWER_IS_BETTER
-
-
-def row_label(row: dict[str, Any]) -> str:
-    """The method row a result belongs to: its method, plus ``+tok<keep>`` when it trained on
-    part of the response tokens (``staff +tok0.6``)."""
-    keep = row.get("token_keep")
-    if keep is None or float(keep) >= 1:
-        return str(row["method"])
-    return f"{row['method']} +tok{float(keep):g}"
-
-
 def methods_in_order(rows: Iterable[dict[str, Any]]) -> list[str]:
     """Method rows (:func:`row_label`) in order of first appearance, reference rows left out."""
     seen: dict[str, None] = {}
@@ -222,12 +214,6 @@ def methods_in_order(rows: Iterable[dict[str, Any]]) -> list[str]:
 
 def prune_rates_in(rows: Iterable[dict[str, Any]]) -> list[float]:
     return sorted({float(r["prune_rate"]) for r in rows if r["method"] not in REFERENCE_LABELS})
-
-
-def order_by_mean(means: dict[str, float | None], higher_is_better: bool = True) -> list[str]:
-    """Methods with a value, best first (ties keep the order of ``means``)."""
-    valid = {m: v for m, v in means.items() if v is not None and not math.isnan(v)}
-    return sorted(valid, key=lambda m: -valid[m] if higher_is_better else valid[m])
 
 
 def metric_table(
@@ -285,7 +271,7 @@ def tested_marks(
     best, second = order[0], order[1]
     head = f"p = {rate:g}:"
     d = find_diff(comparisons, metric, rate, best, second)
-    if d is None or math.isnan(d.lo):
+    if d is None or math.isnan(d.seed_p):
         return {}, f"{head} leaders {best}, {second} not tested (no paired per-row values)."
     if d.better:
         return (
@@ -315,7 +301,15 @@ def find_diff(
             continue
         if (d.method, d.baseline) == (baseline, method):
             return dataclasses.replace(
-                d, method=method, baseline=baseline, delta=-d.delta, lo=-d.hi, hi=-d.lo
+                d,
+                method=method,
+                baseline=baseline,
+                delta=-d.delta,
+                lo=-d.hi,
+                hi=-d.lo,
+                per_seed=tuple(-x for x in d.per_seed),
+                seed_lo=-d.seed_hi,
+                seed_hi=-d.seed_lo,
             )
     return None
 
@@ -332,8 +326,9 @@ def _table1_note(n_seeds: int, tested: bool = False) -> str:
             "(not tested: no paired comparisons)._"
         )
     return head + (
-        "per pruning rate **best** (and <u>second</u>) only where a paired test puts the "
-        "best significantly ahead of the second, otherwise the leaders are tied:_"
+        "per pruning rate **best** (and <u>second</u>) only where the seed-level test "
+        "(sign-flip over seeds, Holm-corrected over the leaders' comparisons) puts the best "
+        "significantly ahead of the second, otherwise the leaders are tied:_"
     )
 
 
@@ -407,17 +402,57 @@ def _any_for(comparisons: Sequence[PairedDiff] | None, metric: str) -> bool:
 # ---------------------------------------------------------------------------------------------
 
 BETTER_MARK, WORSE_MARK = "▲", "▼"
+#: ``selection_seeds`` of a bench: what the training seed varies besides the target's fine-tune.
+VARIANCE_SOURCES = {
+    "shared": (
+        "the target's fine-tune (LoRA initialisation, data order) and the selection's random "
+        "draws; the selection's own fine-tunes (small model, tuned target of GraNd/EL2N/CCS, "
+        "verification LoRA) are one per method, shared by every seed (`selection_seeds: "
+        "shared`), so the verdict holds for those fine-tunes only"
+    ),
+    "per_seed": (
+        "the target's fine-tune (LoRA initialisation, data order), the selection's random "
+        "draws and its own fine-tunes (small model, tuned target of GraNd/EL2N/CCS, "
+        "verification LoRA), each seeded with the cell's seed (`selection_seeds: per_seed`)"
+    ),
+}
+
+
+def _signed(value: float, digits: int) -> str:
+    if math.isinf(value):
+        return "+∞" if value > 0 else "−∞"
+    return f"{value:+.{digits}f}"
 
 
 def format_diff(d: PairedDiff, seed_std: bool = False) -> str:
-    """``+1.23 [+0.40, +2.05], p-value 0.004`` (with ``seed_std``: ``+1.23 ± 0.80 [...]``)."""
+    """The seed-level result: ``+1.23 [+0.40, +2.05], p-value 0.004 (Holm 0.02)`` (with
+    ``seed_std``: ``+1.23 ± 0.80 [...]``); an interval with infinite ends is what too few
+    seeds give. Without a seed-level test, the delta alone."""
     digits = _DECIMALS.get(d.metric, (2, 1))[0]
     text = f"{d.delta:+.{digits}f}"
     if seed_std and d.seed_std is not None:
         text += f" ± {d.seed_std:.{digits}f}"
-    if not math.isnan(d.lo):
-        text += f" [{d.lo:+.{digits}f}, {d.hi:+.{digits}f}], {format_p(d.p)}"
+    if not math.isnan(d.seed_p):
+        text += f" [{_signed(d.seed_lo, digits)}, {_signed(d.seed_hi, digits)}], "
+        text += format_p(d.seed_p)
+        if not math.isnan(d.p_holm) and d.p_holm != d.seed_p:
+            text += f" (Holm {format_p(d.p_holm).removeprefix('p-value ')})"
     return text
+
+
+def format_per_seed(d: PairedDiff) -> str:
+    """The per-seed differences, in seed order: ``−0.028, +0.007, +0.083``."""
+    digits = _DECIMALS.get(d.metric, (2, 1))[0]
+    return ", ".join(_signed(x, digits) for x in d.per_seed) or "—"
+
+
+def format_rows_interval(d: PairedDiff) -> str:
+    """The row bootstrap with the trained models held fixed: ``[+0.016, +0.026], p-value
+    0.002`` (secondary: it leaves the seed-to-seed variance out)."""
+    if math.isnan(d.lo):
+        return "—"
+    digits = _DECIMALS.get(d.metric, (2, 1))[0]
+    return f"[{d.lo:+.{digits}f}, {d.hi:+.{digits}f}], {format_p(d.p)}"
 
 
 def format_p(p: float) -> str:
@@ -427,74 +462,106 @@ def format_p(p: float) -> str:
     return "p-value < 0.001" if p < 0.001 else f"p-value {p:.3f}".rstrip("0").rstrip(".")
 
 
+COMPARISON_HEADER = [
+    "p",
+    "Δ [95% over seeds], p-value (Holm)",
+    "per-seed Δ",
+    "models fixed: [95% over rows], p-value",
+]
+
+
+def _comparison_line(label: str, d: PairedDiff) -> str:
+    mark = f" {BETTER_MARK}" if d.better else f" {WORSE_MARK}" if d.worse else ""
+    return _md_row(
+        [
+            label,
+            f"{d.prune_rate:g}",
+            format_diff(d, seed_std=True) + mark,
+            format_per_seed(d),
+            format_rows_interval(d),
+        ]
+    )
+
+
 def delta_table(
     rows: Sequence[dict[str, Any]], comparisons: Sequence[PairedDiff], metric: str
 ) -> str:
-    """Method rows × pruning rates: each method − random, its seed spread, paired interval and
-    p, marked ▲/▼ only where the interval excludes 0 (▲: better than random)."""
+    """One line per (method, pruning rate): method − random over seeds (mean ± seed std, the
+    sign-flip interval and p-value, Holm-adjusted), the per-seed differences, and the row
+    bootstrap with the models fixed; ▲/▼ only where the Holm-adjusted p clears the level."""
     rates = prune_rates_in(rows)
     methods = [m for m in methods_in_order(rows) if m != RANDOM]
-    diffs = {(m, p): find_diff(comparisons, metric, p, m, RANDOM) for m in methods for p in rates}
-    found = [d for d in diffs.values() if d is not None]
+    found = [
+        d
+        for m in methods
+        for p in rates
+        if (d := find_diff(comparisons, metric, p, m, RANDOM)) is not None
+    ]
     if not found:
         return (
             "_No paired difference with random: no random cells, or the cells carry no "
-            "per-row values of this metric (made before paired statistics)._"
+            "values of this metric._"
         )
-    header = ["method − random", *[f"p = {p:g}" for p in rates]]
+    header = ["method − random", *COMPARISON_HEADER]
     lines = [_md_row(header), _md_row(["---"] * len(header))]
-    for m in methods:
-        lines.append(_md_row([m, *[_delta_cell(diffs[(m, p)]) for p in rates]]))
-    return "\n".join(lines) + "\n\n" + _delta_note(found, metric)
+    lines += [_comparison_line(d.method, d) for d in found]
+    return "\n".join(lines) + "\n\n" + _delta_note(found, metric, comparisons)
 
 
-def _delta_cell(d: PairedDiff | None) -> str:
-    if d is None:
-        return "—"
-    mark = f" {BETTER_MARK}" if d.better else f" {WORSE_MARK}" if d.worse else ""
-    return format_diff(d, seed_std=True) + mark
-
-
-def _delta_note(found: Sequence[PairedDiff], metric: str) -> str:
+def _delta_note(found: Sequence[PairedDiff], metric: str, comparisons: Sequence[PairedDiff]) -> str:
     seeds = _plural(_span(d.n_seeds for d in found), "seed")
-    n_rows = _span(d.n_rows for d in found)
-    resamples = _span(d.resamples for d in found)
     level = f"{100 * found[0].confidence:g}%"
+    alpha = f"{1 - found[0].confidence:g}"
     direction = (
         "lower is better: ▲ marks a significantly lower NLL than random"
         if not higher_is_better(metric)
         else "▲ better / ▼ worse than random"
     )
+    rows_note = (
+        f"{_span(d.resamples for d in found)} resamples of the "
+        f"{_span(d.n_rows for d in found)} evaluation rows"
+        if not all(math.isnan(d.lo) for d in found)
+        else "not available"
+    )
     return (
-        f"_Δ = method − random, mean over the {seeds} both ran, ± the seed-to-seed std of Δ; "
-        f"[lo, hi]: {level} paired bootstrap interval ({resamples} resamples of the "
-        f"{n_rows} evaluation rows, the same rows for every seed and both methods); "
-        f"two-sided paired bootstrap p-value; {direction}, only where the interval excludes "
-        "0._"
+        f"_Δ = method − random, mean over the {seeds} both ran ± the seed-to-seed std; "
+        f"[lo, hi]: {level} interval over training seeds (the exact sign-flip test on the "
+        "per-seed differences, inverted; ±∞ where the seeds are too few for that level); "
+        f"p-value: that test, and in brackets Holm-adjusted over the "
+        f"{family_size(comparisons)} comparisons of this table; {direction}, only where the "
+        f"Holm-adjusted p-value is ≤ {alpha}. Models fixed: paired bootstrap over rows with the "
+        f"trained models held fixed ({rows_note}), which leaves the seed-to-seed variance out "
+        "and marks nothing._"
     )
 
 
 def variant_table(comparisons: Sequence[PairedDiff]) -> str:
     """Each variant − the method it varies (``staff-derived − staff``: another small model),
-    per pruning rate and metric, paired like the "Δ vs random" blocks; empty without variants."""
+    per pruning rate and metric, tested over seeds like the "Δ vs random" blocks; empty
+    without variants."""
     found = [d for d in comparisons if d.kind == VARIANT_KIND]
     if not found:
         return ""
-    pairs = list(dict.fromkeys((d.method, d.baseline, d.prune_rate) for d in found))
-    metrics = [m for m in METRICS if any(d.metric == m for d in found)]
-    header = ["variant − method", "p", *[SHORT_NAMES[m] for m in metrics]]
+    header = ["variant − method", "metric", *COMPARISON_HEADER]
     lines = [_md_row(header), _md_row(["---"] * len(header))]
-    for method, base, rate in pairs:
-        cells = [_delta_cell(find_diff(found, m, rate, method, base)) for m in metrics]
-        lines.append(_md_row([f"{method} − {base}", f"{rate:g}", *cells]))
+    for metric in METRICS:
+        for d in (d for d in found if d.metric == metric):
+            line = _comparison_line(f"{d.method} − {d.baseline}", d)
+            lines.append(line.replace(" | ", f" | {SHORT_NAMES[metric]} | ", 1))
     seeds = _plural(_span(d.n_seeds for d in found), "seed")
     note = (
         f"_Δ = variant − its method on the same evaluation rows, mean over the {seeds} both "
-        f"ran ± the seed-to-seed std; [lo, hi]: {100 * found[0].confidence:g}% paired "
-        "bootstrap interval over the rows; ▲ better / ▼ worse (reference NLL: lower is "
-        "better), only where the interval excludes 0._"
+        f"ran ± the seed-to-seed std; tested over seeds like the Δ vs random blocks (sign-flip, "
+        f"Holm-adjusted with them); ▲ better / ▼ worse (reference NLL: lower is better)._"
     )
     return "\n".join(lines) + "\n\n" + note
+
+
+def family_size(diffs: Sequence[PairedDiff], kinds: Iterable[str] = (RANDOM, VARIANT_KIND)) -> int:
+    """How many tested comparisons Holm corrected together in the family of ``kinds``
+    (default: the markable ones, against random and variants against their method)."""
+    wanted = set(kinds)
+    return sum(d.kind in wanted and not math.isnan(d.seed_p) for d in diffs)
 
 
 def _span(values: Iterable[int]) -> str:
@@ -502,9 +569,13 @@ def _span(values: Iterable[int]) -> str:
     return str(vals[0]) if len(vals) == 1 else f"{vals[0]}-{vals[-1]}"
 
 
-def verdict(rows: Sequence[dict[str, Any]], comparisons: Sequence[PairedDiff] | None) -> str:
-    """One paragraph: which methods beat random (or are worse) on which metric at which
-    pruning rate, by the paired intervals."""
+def verdict(
+    rows: Sequence[dict[str, Any]],
+    comparisons: Sequence[PairedDiff] | None,
+    selection_seeds: str = "shared",
+) -> str:
+    """One paragraph: the test, what it covers, and which methods beat random (or are worse)
+    on which metric at which pruning rate; or that the seeds are too few to mark anything."""
     if comparisons is None:
         return (
             "No paired comparisons: the rankings below are by mean only and not tested "
@@ -512,19 +583,34 @@ def verdict(rows: Sequence[dict[str, Any]], comparisons: Sequence[PairedDiff] | 
         )
     if not any(r["method"] == RANDOM for r in rows):
         return "No `random` cells: nothing to compare the selection methods against."
-    # The comparisons against random (random may also be another method's best other).
     vs_random = [d for d in comparisons if d.baseline == RANDOM and d.kind == RANDOM]
     if not vs_random:
+        return "No paired comparison with random: the cells carry no values to compare."
+    family = family_size(comparisons)
+    if family == 0:
         return (
-            "No paired comparison with random: the cells carry no per-row metric values (made "
-            "before paired statistics); the per-cell intervals below are not paired."
+            "No seed-level test: the comparisons carry no per-seed differences (a paired.csv "
+            "from before them); rebuild the tables from the cells or from results.csv."
         )
-    level = f"{100 * vs_random[0].confidence:g}%"
-    seeds = _plural(_span(d.n_seeds for d in vs_random), "seed")
-    sentences = [
-        f"Paired against random on the same evaluation rows and seeds ({seeds}; "
-        f"{_rows_text(vs_random)}; {level} paired bootstrap intervals):"
-    ]
+    alpha = 1 - vs_random[0].confidence
+    head = (
+        f"Tested over training seeds ({_plural(_span(d.n_seeds for d in vs_random), 'seed')}"
+        f"; {_rows_text(vs_random)} held fixed): an exact sign-flip test on each comparison's "
+        f"per-seed differences, Holm-corrected at {alpha:g} over the {family} comparisons "
+        "with random and of variants with their method. Seeds vary "
+        f"{VARIANCE_SOURCES.get(selection_seeds, selection_seeds)}."
+    )
+    most = max(d.n_seeds for d in vs_random)
+    needed = seeds_needed(alpha / max(1, family))
+    if most < needed:
+        return (
+            f"{head} **Too few seeds for a verdict**: with {most} seeds the smallest p-value "
+            f"the test can give is {min_p_value(most):.3g} (2/2^{most}); Holm's first step "
+            f"needs ≤ {alpha / max(1, family):.2g} ({alpha:g}/{family}), which takes at least "
+            f"{needed} seeds. Nothing is marked; the Δ blocks show each difference and its "
+            "per-seed values."
+        )
+    sentences = []
     for rate in prune_rates_in(rows):
         found = []
         for m in methods_in_order(rows):
@@ -535,12 +621,8 @@ def verdict(rows: Sequence[dict[str, Any]], comparisons: Sequence[PairedDiff] | 
             sentences.append(f"at p = {rate:g}, " + "; ".join(found) + ".")
         else:
             sentences.append(f"at p = {rate:g}, no method differs significantly from random.")
-    tail = (
-        f"Every other difference is within noise. {len(vs_random)} comparisons with random "
-        f"were tested at {level}: about 1 in {round(1 / (1 - vs_random[0].confidence))} "
-        "clears that bar by chance where there is no difference."
-    )
-    return " ".join([sentences[0], *_capitalised(sentences[1:]), tail])
+    tail = "Every other difference is within seed-to-seed noise."
+    return " ".join([head, *_capitalised(sentences), tail])
 
 
 def _method_verdict(method: str, diffs: Sequence[PairedDiff]) -> str:

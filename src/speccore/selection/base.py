@@ -232,6 +232,9 @@ class SelectionMethod(ABC):
     needs: ClassVar[tuple[str, ...]] = ()
     # Whether the coreset depends on the seed (random draws), as the contract test checks.
     random_draws: ClassVar[bool] = False
+    # Bump when a change to the method's code changes its coresets: bench cells made by an
+    # older version are re-run (speccore.bench.versions).
+    version: ClassVar[int] = 1
 
     def settings(self, config: RunConfig) -> Any:
         """This method's settings out of ``config``."""
