@@ -95,6 +95,7 @@ def _run(
             tokens = select_tokens(provider, selection, cfg)
         selection.info["tokens"] = tokens.info
     selection.timings = {k: round(v, 4) for k, v in provider.timer.timings.items() if v >= 5e-4}
+    selection.info["stage_tokens"] = provider.timer.throughput()
     selection.config = cfg.to_dict()
     selection.versions = versions()
     selection.info["target_samples_scored"] = sum(v.n_asked for v in provider.verifications)

@@ -158,13 +158,16 @@ class Batch:
     ``number`` is its place in the plan, ``rows`` the plan's entry (positions into the loop's
     ``indices``, or sample indices when it has none), ``samples`` the sample indices into the
     data, ``tensors`` the collated batch (``input_ids``, ``attention_mask``, ``labels``) on the
-    loop's device.
+    loop's device. ``keep`` is the batch's response window
+    (:func:`speccore.scoring.losses.kept_positions`), read from the labels on the host: pass it
+    on as ``keep=`` so that no device-to-host sync computes it again.
     """
 
     number: int
     rows: np.ndarray
     samples: np.ndarray
     tensors: dict[str, torch.Tensor]
+    keep: int | None = None
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -207,6 +210,9 @@ class BatchLoop:
         self.bar = progress(total=total, initial=done, desc=desc, unit=unit, leave=leave)
 
     def __iter__(self) -> Iterator[Batch]:
+        from ..models.speed import to_device
+        from ..scoring.losses import kept_positions
+
         try:
             for number, rows in enumerate(self.plan):
                 if number in self.skip:
@@ -214,8 +220,8 @@ class BatchLoop:
                 rows = np.asarray(rows, dtype=np.int64)
                 samples = rows if self.indices is None else self.indices[rows]
                 batch = collate(self.data, samples, self.padding_side)
-                tensors = {k: v.to(self.device) for k, v in batch.items()}
-                yield Batch(number, rows, samples, tensors)
+                keep = kept_positions(batch["labels"])  # on the host: no sync
+                yield Batch(number, rows, samples, to_device(batch, self.device), keep)
                 self.bar.update(len(rows))
         finally:
             self.bar.close()

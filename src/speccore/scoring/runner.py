@@ -7,6 +7,7 @@ an uninterrupted run, and gets bit-identical scores.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import time
 from collections.abc import Callable
@@ -19,6 +20,7 @@ from torch import Tensor, nn
 from .. import interrupt
 from ..data.tokenized import (
     IGNORE_INDEX,
+    Batch,
     BatchLoop,
     TokenizedData,
     length_grouped_batches,
@@ -26,13 +28,15 @@ from ..data.tokenized import (
 )
 from ..errors import ConfigError, ScoringError
 from ..io import fingerprint, load_npz, save_npz
+from ..models.speed import adapter_autocast
 from .effort import effort_batch
 from .embeddings import embedding_batch
 from .losses import el2n_batch, eval_mode, loss_batch, model_device
 
 logger = logging.getLogger(__name__)
 
-ScoreFunction = Callable[[nn.Module, dict[str, Tensor]], Tensor]
+# (model, batch, keep=response window or None) -> per-sample scores
+ScoreFunction = Callable[..., Tensor]
 
 SCORE_FUNCTIONS: dict[str, ScoreFunction] = {
     "effort": effort_batch,
@@ -62,8 +66,9 @@ def score_samples(
 
     Returns float64 scores aligned with ``indices`` (or with ``data``). Batches go to ``device``
     (default: the model's device; the model itself is not moved) and the model runs in eval
-    mode, its modes restored afterwards. A non-finite score raises :class:`ScoringError` naming
-    the sample.
+    mode, its modes restored afterwards, a half-precision base with float32 adapters under
+    autocast (:func:`~speccore.models.speed.adapter_autocast`). A non-finite score raises
+    :class:`ScoringError` naming the sample.
 
     With ``checkpoint``, finished batches are saved there (atomically) once ``checkpoint_every``
     samples or ``checkpoint_seconds`` seconds (None: no time limit) have passed since the last
@@ -91,12 +96,13 @@ def score_samples(
     try:
         with (
             eval_mode(model),
+            adapter_autocast(model),
             BatchLoop(
                 data, plan, indices=idx, device=dev, skip=frozenset(state.done), desc=desc
             ) as loop,
         ):
             for batch in loop:
-                values = fn(model, batch.tensors).detach().double().cpu().numpy()
+                values = _call(fn, model, batch).detach().double().cpu().numpy()
                 _check_finite(values, batch.samples, batch.tensors, score)
                 state.record(batch.number, batch.rows, values)
                 interrupt.stop_point(state.save_now, len(idx))
@@ -150,6 +156,25 @@ def _score_function(score: str) -> ScoreFunction:
         raise ConfigError(
             f"unknown score {score!r}; valid scores: {', '.join(sorted(SCORE_FUNCTIONS))}"
         ) from None
+
+
+def _call(fn: ScoreFunction, model: nn.Module, batch: Batch) -> Tensor:
+    """``fn`` on the batch, handing it the response window read on the host (no device sync)
+    when it takes ``keep``; a score function of ``(model, batch)`` alone works too."""
+    if fn not in _TAKES_KEEP:
+        try:
+            names = inspect.signature(fn).parameters
+            _TAKES_KEEP[fn] = "keep" in names or any(
+                p.kind == p.VAR_KEYWORD for p in names.values()
+            )
+        except (TypeError, ValueError):
+            _TAKES_KEEP[fn] = False
+    if _TAKES_KEEP[fn]:
+        return fn(model, batch.tensors, keep=batch.keep)
+    return fn(model, batch.tensors)
+
+
+_TAKES_KEEP: dict[ScoreFunction, bool] = {}
 
 
 def _check_args(
