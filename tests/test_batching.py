@@ -365,3 +365,26 @@ def test_selection_json_records_tokens_per_stage_and_the_adapter_key_has_the_bat
     for other in ({"batch_tokens": 64}, {"batching": "rows"}):
         speccore.select(tiny_select_config(jsonl_data, model_dirs, cache_dir=cache, **other))
     assert counter.finetunes == [24, 24, 24]  # each batching tunes its own adapter
+
+
+def test_scoring_and_fine_tuning_a_bf16_base_run_the_adapters_in_bf16() -> None:
+    """The runner and the fine-tune autocast a bf16 base with float32 adapters: the LoRA
+    outputs are bf16, the adapter weights stay float32 (the optimizer's master copy) and
+    learn. Effort's bound against float32 is tests/test_gpu_path.py's (bf16-fp32-adapters)."""
+    from speccore.scoring import score_samples
+
+    model = lora()
+    for name, p in model.named_parameters():
+        if "lora_" not in name:
+            p.data = p.data.to(torch.bfloat16)
+    seen: list[torch.dtype] = []
+    module = next(m for n, m in model.named_modules() if n.endswith("lora_A.default"))
+    module.register_forward_hook(lambda _m, _a, out: seen.append(out.dtype))
+    data = rows_of(LENGTHS[:8])
+    assert np.isfinite(score_samples(model, data, "effort", max_batch_tokens=256)).all()
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+    finetune(model, data, replace(TOKENS, learning_rate=1e-2))
+    assert seen and set(seen) == {torch.bfloat16}
+    after = {n: p for n, p in model.named_parameters() if "lora_" in n}
+    assert {p.dtype for p in after.values()} == {torch.float32}
+    assert not all(torch.equal(before[n], after[n]) for n in before)
