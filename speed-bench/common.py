@@ -19,6 +19,28 @@ from typing import Any
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DIALOGSUM = Path("/work/shared/data/dialogsum/train.jsonl.gz")
+UI = Path("/work/shared/data/ui-translation-de/train.jsonl.gz")
+UI_TEMPLATE = "Translate from English to German.\nEnglish: {source}\nGerman: "
+
+#: How each task's rows are formatted (the quality benches' settings).
+TASKS: dict[str, dict[str, Any]] = {
+    "ui": {"template": UI_TEMPLATE, "output_field": "target", "max_length": 128},
+    "dialogsum": {"input_field": "dialogue", "output_field": "summary", "max_length": 512},
+}
+
+
+def load_task(task: str, rows: int) -> list[dict[str, Any]]:
+    """``rows`` rows of a task: UI strings drawn at random with seed 0 as the mini UI bench
+    draws its 400 (the file is sorted by source text), DialogSum's first rows."""
+    if task == "ui":
+        from speccore.bench.run import take_rows
+        from speccore.data import load_rows
+
+        picked = take_rows(load_rows(str(UI)), rows, "random", 0)
+        return [{k: r[k] for k in ("source", "target", "domain")} for r in picked]
+    return [
+        {k: r[k] for k in ("dialogue", "summary", "topic") if k in r} for r in load_dialogsum(rows)
+    ]
 
 
 def cpu_model() -> str:

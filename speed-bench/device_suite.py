@@ -5,21 +5,27 @@ directly on the GPU in bfloat16 (speed does not depend on the weights), with the
 tokenizer when its package is installed (else the tiny offline one) and synthetic rows.
 
 1. Effort throughput (bf16, 256-token rows, ~0.5B and ~1.5B parameters), tokens/s of
-   (a) batched exact effort, (b) the per-sample loop, (c) a plain batched LoRA forward+backward;
-   goals a >= 0.9 c and a >= 2 b.
+   (a) batched exact effort, (b) the per-sample loop, (c) a plain batched LoRA forward+backward,
+   (ft) speccore's LoRA fine-tune (``speccore.train.loop``) over the same rows at its default
+   token budget and (ft+) at the plain pass's batch size; each the median of 5 repeats taken in
+   interleaved order (a, b, c, ft, ft+, a, b, ...), with MFU (6 N FLOPs per token); goals
+   a >= 0.9 c and a >= 2 b.
 2. bf16 against float32 effort, loss and EL2N on the same rows: Spearman, relative errors.
 3. STAFF against GraNd end to end through ``speccore.select`` (small ~0.5B, target ~7B, 2,000
    rows, T = 1, K = 50, b_v = 10; models saved to local folders first, not timed): wall time of
    every stage, STAFF/GraNd.
 4. Peak GPU memory of each stage of step 3, and the time to score 1,000,000 rows of 256 tokens
    with the ~0.5B small model on this GPU, extrapolated from a timed scoring run.
+5. A profile (``torch.profiler``): the top 10 ops by device time (CPU time in ``--tiny``) of one
+   fine-tune step and of one effort batch of the ~0.5B model.
+6. Step 3 again at the paper's T = 3.
 
 Every step writes ``device_suite.json`` and ``device_suite.md`` in ``--out`` as soon as it
 finishes (a run cut short keeps the finished steps; ``--steps 3`` reruns one step and keeps the
 others). ``--tiny`` runs the same steps with tiny models on the CPU in well under a minute (CI
 runs it); its numbers only show that the suite works.
 
-    python speed-bench/device_suite.py                 # one GPU, under 8 minutes
+    python speed-bench/device_suite.py                 # one GPU, about 8 minutes
     python speed-bench/device_suite.py --steps 1,2     # some steps only
     python speed-bench/device_suite.py --tiny --out /tmp/suite
 """
@@ -41,7 +47,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 os.environ.setdefault("TQDM_DISABLE", "1")  # progress goes to the log, not to bars
 
@@ -67,6 +73,8 @@ GIB = 2**30
 BF16_U = 2.0**-8  # bfloat16 unit roundoff
 BERGSON_TOKENS_PER_S = 28_000  # EleutherAI bergson, Pythia-1B on one GH200 (per-sample grads)
 PAPER_RATIO = (0.30, 0.85)  # STAFF / baseline time reported by the STAFF paper
+PEAK_BF16 = 790e12  # dense bf16 FLOP/s of one H200 as issue 22 counts MFU (6 N per token)
+REPEATS = 5  # step 1: each figure is the median of this many interleaved repeats
 
 
 @dataclass(frozen=True)
@@ -93,6 +101,7 @@ class Plan:
     verify_per_region: int
     max_batch_tokens: int
     scale_rows: int  # rows scored in step 4
+    repeats: int = REPEATS
 
 
 GPU_PLAN = Plan(
@@ -108,7 +117,7 @@ GPU_PLAN = Plan(
     timed_batches=6,
     reference_rows=24,
     precision_rows=64,
-    e2e_rows=2000,
+    e2e_rows=1000,  # at T = 1 and T = 3 in one run: half the 2,000 rows of the first run
     e2e_prompt=(96, 320),
     e2e_response=(16, 64),
     regions=50,
@@ -137,13 +146,14 @@ TINY_PLAN = Plan(
     verify_per_region=3,
     max_batch_tokens=512,
     scale_rows=32,
+    repeats=2,
 )
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--tiny", action="store_true", help="tiny models on the CPU (CI)")
-    p.add_argument("--steps", default="1,2,3,4", help="comma-separated steps to run")
+    p.add_argument("--steps", default="1,2,3,4,5,6", help="comma-separated steps to run")
     p.add_argument("--out", default=str(RESULTS), help="folder of device_suite.json and .md")
     p.add_argument(
         "--tokenizer",
@@ -157,9 +167,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     try:
         args.steps = sorted({int(s) for s in args.steps.split(",") if s.strip()})
     except ValueError:
-        p.error(f"--steps takes numbers 1-4 separated by commas, got {args.steps!r}")
+        p.error(f"--steps takes numbers 1-6 separated by commas, got {args.steps!r}")
     if not args.steps or not set(args.steps) <= set(STEPS):
-        p.error(f"--steps takes numbers 1-4 separated by commas, got {args.steps}")
+        p.error(f"--steps takes numbers 1-6 separated by commas, got {args.steps}")
     return args
 
 
@@ -268,6 +278,31 @@ def step_throughput(plan: Plan, _done: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def finetune_rows(model: Any, data: TokenizedData, batch_tokens: int) -> Callable[[], Any]:
+    """(ft): one epoch of speccore's fine-tune over ``data`` (the LoRA weights are saved and put
+    back afterwards, so every repeat starts from the same adapter)."""
+    from speccore.config import TrainSettings
+    from speccore.train import finetune
+
+    settings = TrainSettings(epochs=1, batch_tokens=batch_tokens, seed=0)
+    saved = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    def run() -> Any:
+        stats = finetune(model, data, settings, max_batch_tokens=None, desc="suite fine-tune")
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if n in saved:
+                    p.copy_(saved[n])
+        return stats
+
+    return run
+
+
+def mfu(params: int, tokens_per_s: float, device: str) -> float | None:
+    """Model FLOP utilisation: 6 N FLOPs per token against :data:`PEAK_BF16` (GPU only)."""
+    return 6 * params * tokens_per_s / PEAK_BF16 if device.startswith("cuda") else None
+
+
 def throughput_of(plan: Plan, model: Any, label: str) -> dict[str, Any]:
     rows = plan.batch_rows * (plan.timed_batches + 1)
     data = id_rows(plan, rows, seed=1, response=response_range(plan))
@@ -278,47 +313,71 @@ def throughput_of(plan: Plan, model: Any, label: str) -> dict[str, Any]:
     warm, timed_batches = batches[0], batches[1:]
     reference = to_device(collate(data, range(plan.reference_rows)), plan.device)
     one_row = to_device(collate(data, [0]), plan.device)
+    tune_data = data.subset(range(plan.batch_rows, rows))  # the rows of the timed batches
+    tune = finetune_rows(model, tune_data, 0)  # default budget: 8 rows of the mean length
+    tune_big = finetune_rows(model, tune_data, plan.batch_rows * plan.row_tokens)
     effort_batch(model, warm)  # lazy initialisation (kernels, cuBLAS handles) is not timed
     plain_forward_backward(model, warm)
     effort_reference(model, one_row)
+    finetune_rows(model, data.subset(range(plan.batch_rows)), 0)()
+    kinds: dict[str, Callable[[], Any]] = {
+        "a": lambda: [effort_batch(model, b) for b in timed_batches],
+        "b": lambda: effort_reference(model, reference),
+        "c": lambda: [plain_forward_backward(model, b) for b in timed_batches],
+        "ft": tune,
+        "ft+": tune_big,
+    }
+    seconds: dict[str, list[float]] = {k: [] for k in kinds}
     mem = GpuMemoryByStage()
-    with mem.stage("a"):
-        seconds_a, values_a = timed(
-            plan.device, lambda: [effort_batch(model, b) for b in timed_batches]
-        )
-    with mem.stage("b"):
-        seconds_b, values_b = timed(plan.device, lambda: effort_reference(model, reference))
-    with mem.stage("c"):
-        seconds_c, _ = timed(
-            plan.device, lambda: [plain_forward_backward(model, b) for b in timed_batches]
-        )
+    values_b = None
+    for _ in range(plan.repeats):  # interleaved: a drift in clocks or load hits every kind
+        for kind, fn in kinds.items():
+            with mem.stage(kind):
+                elapsed, value = timed(plan.device, fn)
+            seconds[kind].append(elapsed)
+            if kind == "b":
+                values_b = value
     tokens = sum(int(b["attention_mask"].sum()) for b in timed_batches)
     tokens_b = int(reference["attention_mask"].sum())
-    rate = {"a": tokens / seconds_a, "b": tokens_b / seconds_b, "c": tokens / seconds_c}
+    counted = {"a": tokens, "b": tokens_b, "c": tokens, "ft": tokens, "ft+": tokens}
+    median = {k: float(np.median(v)) for k, v in seconds.items()}
+    rate = {k: counted[k] / median[k] for k in kinds}
+    spread = {k: (max(v) - min(v)) / median[k] for k, v in seconds.items()}
     # Exactness: (a) on the rows that (b) scored.
+    assert values_b is not None
     exact_a = effort_batch(model, reference)
     rel = ((exact_a - values_b).abs() / values_b.abs()).max()
-    del values_a
     peaks = mem.peaks()
+    params = n_params(model)
     result = {
         "model": label,
-        "params": n_params(model),
+        "params": params,
         "layers": n_layers(model),
         "tokens_timed": tokens,
+        "repeats": plan.repeats,
         "tokens_per_s": {k: round(v, 1) for k, v in rate.items()},
+        "spread": {k: round(v, 3) for k, v in spread.items()},  # (max - min) / median
+        "mfu": {k: mfu(params, v, plan.device) for k, v in rate.items()},
+        "finetune_batch_tokens": {
+            "ft": int(np.ceil(8 * tune_data.lengths.mean())),
+            "ft+": plan.batch_rows * plan.row_tokens,
+        },
         "a_over_c": rate["a"] / rate["c"],
         "a_over_b": rate["a"] / rate["b"],
+        "ft_over_c": rate["ft"] / rate["c"],
         "goal_a_ge_0.9c": rate["a"] >= 0.9 * rate["c"],
         "goal_a_ge_2b": rate["a"] >= 2 * rate["b"],
         "max_rel_error_a_vs_b": float(rel),
         "peak_gpu_gib": {k: gib(v) for k, v in peaks.items()} or None,
     }
     logger.info(
-        "step 1: %s: a %.0f, b %.0f, c %.0f tokens/s; a/c %.2f, a/b %.2f",
+        "step 1: %s: a %.0f, b %.0f, c %.0f, ft %.0f, ft+ %.0f tokens/s; a/c %.2f, a/b %.2f",
         label,
         rate["a"],
         rate["b"],
         rate["c"],
+        rate["ft"],
+        rate["ft+"],
         result["a_over_c"],
         result["a_over_b"],
     )
@@ -462,56 +521,89 @@ def memory_per_stage(mem: GpuMemoryByStage) -> Iterator[None]:
         base.StageTimer.stage = original  # type: ignore[method-assign]
 
 
+class Prepared:
+    """Step 3's model folders and rows, built once per suite run (steps 3 and 6 share them)
+    in a temporary folder that :meth:`close` removes."""
+
+    held: ClassVar[dict[str, Any]] = {}
+
+    @classmethod
+    def get(cls, plan: Plan, work_dir: str | None, tokenizer_folder: str | None) -> dict[str, Any]:
+        if not cls.held:
+            tokenizer, tok_name = tokenizer_for(plan, tokenizer_folder)
+            tmp = tempfile.TemporaryDirectory(prefix="speccore-suite-", dir=work_dir)
+            root = Path(tmp.name)
+            start = time.perf_counter()
+            params = {
+                "small": save_model_folder(plan, plan.small, tokenizer, root / "small", seed=4),
+                "target": save_model_folder(plan, plan.target, tokenizer, root / "target", seed=5),
+            }
+            rows = text_rows(plan, tokenizer, seed=6)
+            data = root / "rows.jsonl"
+            data.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+            prepare = time.perf_counter() - start
+            logger.info("step 3: model folders saved in %.1f s (not counted)", prepare)
+            cls.held = {
+                "tmp": tmp,
+                "root": root,
+                "params": params,
+                "data": data,
+                "tokenizer": tok_name,
+                "prepare": prepare,
+            }
+        return cls.held
+
+    @classmethod
+    def close(cls) -> None:
+        if cls.held:
+            cls.held["tmp"].cleanup()
+            cls.held = {}
+
+
 def step_staff_vs_grand(
-    plan: Plan, _done: dict[str, Any], work_dir: str | None, tokenizer_folder: str | None = None
+    plan: Plan,
+    _done: dict[str, Any],
+    work_dir: str | None,
+    tokenizer_folder: str | None = None,
+    epochs: int = 1,
 ) -> dict[str, Any]:
     import speccore
 
-    tokenizer, tok_name = tokenizer_for(plan, tokenizer_folder)
-    with tempfile.TemporaryDirectory(prefix="speccore-suite-", dir=work_dir) as tmp:
-        root = Path(tmp)
-        start = time.perf_counter()
-        params = {
-            "small": save_model_folder(plan, plan.small, tokenizer, root / "small", seed=4),
-            "target": save_model_folder(plan, plan.target, tokenizer, root / "target", seed=5),
+    prepared = Prepared.get(plan, work_dir, tokenizer_folder)
+    root, data = prepared["root"], prepared["data"]
+    runs = {}
+    for method in ("staff", "grand"):
+        logger.info("step 3: %s at T = %d", method, epochs)
+        mem = GpuMemoryByStage()
+        with memory_per_stage(mem):
+            sel = speccore.select(
+                data=str(data),
+                input_field="dialogue",
+                output_field="summary",
+                small=str(root / "small"),
+                target=str(root / "target"),
+                method=method,
+                prune_rate=0.9,
+                small_epochs=float(epochs),
+                target_epochs=float(epochs),
+                regions=plan.regions,
+                verify_per_region=plan.verify_per_region,
+                max_length=plan.e2e_prompt[1] + plan.e2e_response[1] + 32,
+                max_batch_tokens=plan.max_batch_tokens,
+                dtype=plan.dtype,
+                device=plan.device,
+                cache_dir=str(root / f"cache-{method}-T{epochs}"),
+            )
+        runs[method] = {
+            "timings": sel.timings,
+            "stage_tokens": sel.info.get("stage_tokens", {}),
+            "peak_gpu_gib": {k: gib(v) for k, v in mem.peaks().items()},
+            "kept": len(sel),
+            "target_samples_scored": sel.info.get("target_samples_scored"),
         }
-        rows = text_rows(plan, tokenizer, seed=6)
-        data = root / "rows.jsonl"
-        data.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-        prepare = time.perf_counter() - start
-        logger.info("step 3: model folders saved in %.1f s (not counted)", prepare)
-        runs = {}
-        for method in ("staff", "grand"):
-            logger.info("step 3: %s", method)
-            mem = GpuMemoryByStage()
-            with memory_per_stage(mem):
-                sel = speccore.select(
-                    data=str(data),
-                    input_field="dialogue",
-                    output_field="summary",
-                    small=str(root / "small"),
-                    target=str(root / "target"),
-                    method=method,
-                    prune_rate=0.9,
-                    small_epochs=1.0,
-                    target_epochs=1.0,
-                    regions=plan.regions,
-                    verify_per_region=plan.verify_per_region,
-                    max_length=plan.e2e_prompt[1] + plan.e2e_response[1] + 32,
-                    max_batch_tokens=plan.max_batch_tokens,
-                    dtype=plan.dtype,
-                    device=plan.device,
-                    cache_dir=str(root / f"cache-{method}"),
-                )
-            runs[method] = {
-                "timings": sel.timings,
-                "peak_gpu_gib": {k: gib(v) for k, v in mem.peaks().items()},
-                "kept": len(sel),
-                "target_samples_scored": sel.info.get("target_samples_scored"),
-            }
-            logger.info("step 3: %s took %.1f s", method, sel.timings["total"])
-            del sel
-            release()
+        logger.info("step 3: %s took %.1f s", method, sel.timings["total"])
+        del sel
+        release()
     staff, grand = runs["staff"]["timings"], runs["grand"]["timings"]
     ratio = staff["total"] / grand["total"]
 
@@ -520,17 +612,17 @@ def step_staff_vs_grand(
 
     return {
         "rows": plan.e2e_rows,
-        "tokenizer": tok_name,
-        "params": params,
+        "tokenizer": prepared["tokenizer"],
+        "params": prepared["params"],
         "settings": {
-            "T": 1,
+            "T": epochs,
             "K": plan.regions,
             "b_v": plan.verify_per_region,
             "prune_rate": 0.9,
             "dtype": plan.dtype,
             "max_batch_tokens": plan.max_batch_tokens,
         },
-        "prepare_seconds_not_counted": prepare,
+        "prepare_seconds_not_counted": prepared["prepare"],
         "runs": runs,
         "staff_over_grand": ratio,
         "staff_over_grand_without_loads": without_loads(staff) / without_loads(grand),
@@ -592,11 +684,54 @@ def scoring_rate(plan: Plan) -> dict[str, Any]:
     }
 
 
+def step_profile(plan: Plan, _done: dict[str, Any]) -> dict[str, Any]:
+    """The top 10 ops of one fine-tune step and one effort batch of the small model."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from speccore.config import TrainSettings
+    from speccore.train import finetune
+
+    model = with_lora(build_model(plan, plan.small, getattr(torch, plan.dtype), seed=9), seed=9)
+    data = id_rows(plan, plan.batch_rows, seed=10, response=response_range(plan))
+    batch = to_device(collate(data, range(plan.batch_rows)), plan.device)
+    # One optimizer step over all the rows (a budget that holds them all).
+    settings = TrainSettings(epochs=1, batch_tokens=plan.batch_rows * plan.row_tokens)
+    work = {
+        "fine-tune step": lambda: finetune(model, data, settings, desc="profiled step"),
+        "effort batch": lambda: effort_batch(model, batch),
+    }
+    cuda = plan.device.startswith("cuda")
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    sort = "self_device_time_total" if cuda else "self_cpu_time_total"
+    out: dict[str, Any] = {"sorted_by": sort, "tables": {}}
+    for name, fn in work.items():
+        fn()  # warm-up: first calls initialise kernels and the fused optimizer
+        sync(plan.device)
+        with profile(activities=activities) as prof:
+            fn()
+            sync(plan.device)
+        events = sorted(prof.key_averages(), key=lambda e: getattr(e, sort), reverse=True)
+        total = sum(getattr(e, sort) for e in events) or 1.0
+        out["tables"][name] = [
+            {
+                "op": e.key,
+                "calls": e.count,
+                "self_ms": round(getattr(e, sort) / 1e3, 3),
+                "share": round(getattr(e, sort) / total, 4),
+            }
+            for e in events[:10]
+        ]
+        logger.info("step 5: %s profiled", name)
+    return out  # the model goes with this frame; main() releases its memory
+
+
 STEPS: dict[int, str] = {
     1: "effort throughput",
     2: "bf16 vs float32",
     3: "STAFF vs GraNd end to end",
     4: "memory per stage and 10^6 rows",
+    5: "profile: one fine-tune step, one effort batch",
+    6: "STAFF vs GraNd end to end at T = 3",
 }
 
 
@@ -684,13 +819,15 @@ def md_table(header: list[str], rows: list[list[Any]]) -> list[str]:
 
 
 def md_step1(step: dict[str, Any]) -> list[str]:
+    def pct(x: float | None) -> str:
+        return "" if x is None else f"{100 * x:.1f}%"
+
     rows = [
         [
             r["model"],
             size(r["params"]),
-            r["tokens_per_s"]["a"],
-            r["tokens_per_s"]["b"],
-            r["tokens_per_s"]["c"],
+            *(r["tokens_per_s"].get(k) for k in ("a", "b", "c", "ft", "ft+")),
+            *(pct(r.get("mfu", {}).get(k)) for k in ("a", "c", "ft", "ft+")),
             r["a_over_c"],
             r["a_over_b"],
             r["goal_a_ge_0.9c"],
@@ -699,13 +836,26 @@ def md_step1(step: dict[str, Any]) -> list[str]:
         ]
         for r in step["models"]
     ]
-    header = ["model", "params", "(a) tok/s", "(b) tok/s", "(c) tok/s", "a/c", "a/b"]
+    header = ["model", "params", "(a) tok/s", "(b) tok/s", "(c) tok/s", "(ft) tok/s"]
+    header += ["(ft+) tok/s", "MFU a", "MFU c", "MFU ft", "MFU ft+", "a/c", "a/b"]
     header += ["a ≥ 0.9c", "a ≥ 2b", "max rel. err. a–b"]
+    first = step["models"][0] if step["models"] else {}
+    budgets = first.get("finetune_batch_tokens", {})
+    spread = [
+        f"{r['model']} " + ", ".join(f"{k} {v:.0%}" for k, v in r.get("spread", {}).items())
+        for r in step["models"]
+    ]
     return [
-        f"{step['dtype']}, {step['row_tokens']}-token rows. (a) batched exact effort, (b) the "
-        "per-sample loop, (c) plain batched LoRA forward+backward.",
+        f"{step['dtype']}, {step['row_tokens']}-token rows; each figure the median of "
+        f"{first.get('repeats', 1)} repeats in interleaved order. (a) batched exact effort, "
+        "(b) the per-sample loop, (c) plain batched LoRA forward+backward, (ft) speccore's "
+        f"fine-tune over the rows of (a) at its default budget ({budgets.get('ft')} tokens), "
+        f"(ft+) at {budgets.get('ft+')} tokens a step. MFU: 6 N FLOPs per token against "
+        f"{PEAK_BF16 / 1e12:.0f} TFLOP/s.",
         "",
         *md_table(header, rows),
+        "",
+        "Spread of the repeats ((max − min) / median): " + "; ".join(spread) + ".",
         "",
         f"Anchor: {step['anchor']}.",
     ]
@@ -786,11 +936,33 @@ def md_step4(step: dict[str, Any]) -> list[str]:
     return [*lines, *md_table(["stage", *(f"{m} peak GiB" for m in by_stage)], rows)]
 
 
+def md_step5(step: dict[str, Any]) -> list[str]:
+    lines = [f"Top 10 ops by {step['sorted_by'].replace('_', ' ')}.", ""]
+    for name, table in step["tables"].items():
+        rows = [[r["op"], r["calls"], r["self_ms"], f"{100 * r['share']:.1f}%"] for r in table]
+        lines += [f"**{name}**", "", *md_table(["op", "calls", "self ms", "share"], rows), ""]
+    return lines
+
+
+def md_tokens(step: dict[str, Any]) -> list[str]:
+    """Tokens, padding and tokens/s per stage (selection.json's ``stage_tokens``)."""
+    rows = [
+        [m, stage, v["tokens"], f"{100 * v['padding_fraction']:.1f}%", v["tokens_per_s"]]
+        for m, run in step["runs"].items()
+        for stage, v in run.get("stage_tokens", {}).items()
+    ]
+    if not rows:
+        return []
+    return ["", *md_table(["method", "stage", "tokens", "padding", "tok/s"], rows)]
+
+
 MARKDOWN: dict[int, Callable[[dict[str, Any]], list[str]]] = {
     1: md_step1,
     2: md_step2,
-    3: md_step3,
+    3: lambda step: [*md_step3(step), *md_tokens(step)],
     4: md_step4,
+    5: md_step5,
+    6: lambda step: [*md_step3(step), *md_tokens(step)],
 }
 
 
@@ -804,7 +976,11 @@ def run_step(step: int, plan: Plan, done: dict[str, Any], args: argparse.Namespa
         return step_precision(plan, done)
     if step == 3:
         return step_staff_vs_grand(plan, done, args.work_dir, args.tokenizer)
-    return step_memory_and_scale(plan, done)
+    if step == 4:
+        return step_memory_and_scale(plan, done)
+    if step == 5:
+        return step_profile(plan, done)
+    return step_staff_vs_grand(plan, done, args.work_dir, args.tokenizer, epochs=3)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -817,18 +993,21 @@ def main(argv: list[str] | None = None) -> int:
     results = Results(Path(args.out), plan, args)
     failed = []
     start = time.perf_counter()
-    for step in args.steps:
-        logger.info("step %d (%s) starts", step, STEPS[step])
-        t0 = time.perf_counter()
-        try:
-            result = run_step(step, plan, results.data["steps"], args)
-        except Exception as e:  # keep going: the other steps' figures are still worth having
-            logger.error("step %d failed:\n%s", step, traceback.format_exc())
-            result = {"error": f"{type(e).__name__}: {e}"}
-            failed.append(step)
-        results.record(step, result, time.perf_counter() - t0)
-        logger.info("step %d done in %.1f s", step, time.perf_counter() - t0)
-        release()
+    try:
+        for step in args.steps:
+            logger.info("step %d (%s) starts", step, STEPS[step])
+            t0 = time.perf_counter()
+            try:
+                result = run_step(step, plan, results.data["steps"], args)
+            except Exception as e:  # keep going: the other steps' figures are still worth having
+                logger.error("step %d failed:\n%s", step, traceback.format_exc())
+                result = {"error": f"{type(e).__name__}: {e}"}
+                failed.append(step)
+            results.record(step, result, time.perf_counter() - t0)
+            logger.info("step %d done in %.1f s", step, time.perf_counter() - t0)
+            release()
+    finally:
+        Prepared.close()
     logger.info("suite done in %.1f s: %s", time.perf_counter() - start, results.md_path)
     return 1 if failed else 0
 

@@ -10,7 +10,13 @@ baselines share GraNd's tuned target (its fine-tune is cached, so their totals e
 EL2N scores, as they would in a real comparison. Then the Jaccard overlap |A∩B| / |A∪B| of every
 pair of coresets is printed (two random coresets of m out of N overlap m / (2N − m) on average).
 
+``--task ui`` takes the mini UI bench's 400 rows and formatting (its T, K and b_v by default:
+1, 10, 5). ``--batchings rows,tokens`` runs every method under each fine-tune batching, side by
+side in one run (rows: the batching before issue 22; tokens: the default since).
+
 CPU (2 cores): python speed-bench/staff_vs_grand.py --rows 300 --epochs 1
+CPU, UI, before/after: python speed-bench/staff_vs_grand.py --task ui --rows 400 \
+    --batchings rows,tokens --name staff_vs_grand_ui
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import speccore
-from common import DIALOGSUM, load_dialogsum, table, write_jsonl, write_result
+from common import TASKS, load_dialogsum, load_task, table, write_jsonl, write_result
 from speccore.config import coreset_size
 from speccore.models import load_model
 
@@ -36,12 +42,16 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--small", default="smollm2-135m")
     p.add_argument("--target", default="gemma-3-270m")
     p.add_argument("--data", default=None, help="JSONL(.gz) with dialogue/summary (DialogSum)")
+    p.add_argument("--task", choices=sorted(TASKS), default="dialogsum")
+    p.add_argument(
+        "--batchings", default="tokens", help="fine-tune batchings to compare: rows,tokens"
+    )
     p.add_argument("--rows", type=int, default=300)
     p.add_argument("--epochs", type=float, default=1.0, help="T of both fine-tunes")
     p.add_argument("--regions", type=int, default=10, help="K")
     p.add_argument("--verify-per-region", type=int, default=5, help="b_v")
     p.add_argument("--prune-rate", type=float, default=0.9)
-    p.add_argument("--max-length", type=int, default=512)
+    p.add_argument("--max-length", type=int, default=None, help="default: the task's")
     p.add_argument("--batch-size", type=int, default=8)
     # Gemma's 262k vocabulary makes logits huge: at 4096 tokens per batch GraNd's target
     # fine-tune peaked at 17 GB of RAM on the CPU (killed on a 23 GB machine); at 1024 the
@@ -62,13 +72,17 @@ def convert_models(args: argparse.Namespace) -> None:
         print(f"{name}: ready in {time.perf_counter() - start:.1f} s (not counted)")
 
 
-def run_method(method: str, data: Path, cache: Path, args: argparse.Namespace) -> dict[str, Any]:
-    print(f"--- {method}")
+def run_method(
+    method: str, data: Path, cache: Path, args: argparse.Namespace, batching: str = "tokens"
+) -> dict[str, Any]:
+    print(f"--- {method} ({batching} batching)")
     start = time.perf_counter()
+    task = dict(TASKS[args.task])
+    task["max_length"] = args.max_length or task["max_length"]
     sel = speccore.select(
         data=str(data),
-        input_field="dialogue",
-        output_field="summary",
+        **task,
+        batching=batching,
         small=args.small,
         target=args.target,
         method=method,
@@ -77,7 +91,6 @@ def run_method(method: str, data: Path, cache: Path, args: argparse.Namespace) -
         target_epochs=args.epochs,
         regions=args.regions,
         verify_per_region=args.verify_per_region,
-        max_length=args.max_length,
         batch_size=args.batch_size,
         max_batch_tokens=args.max_batch_tokens,
         device=args.device,
@@ -86,7 +99,9 @@ def run_method(method: str, data: Path, cache: Path, args: argparse.Namespace) -
     wall = time.perf_counter() - start
     print(f"{method}: {wall:.1f} s, kept {len(sel)}")
     return {
-        "method": method,
+        "method": method if batching == "tokens" else f"{method} ({batching})",
+        "batching": batching,
+        "stage_tokens": sel.info.get("stage_tokens"),
         "wall_seconds": wall,
         "timings": sel.timings,
         "indices": sel.indices.tolist(),
@@ -128,17 +143,35 @@ def overlap_table(runs: list[dict[str, Any]]) -> tuple[str, dict[str, float]]:
 def main() -> None:
     args = parse_args()
     convert_models(args)
-    rows = load_dialogsum(args.rows, Path(args.data) if args.data else DIALOGSUM)
-    rows = [{k: r[k] for k in ("dialogue", "summary", "topic") if k in r} for r in rows]
+    if args.data:
+        rows = load_dialogsum(args.rows, Path(args.data))
+        rows = [{k: r[k] for k in ("dialogue", "summary", "topic") if k in r} for r in rows]
+    else:
+        rows = load_task(args.task, args.rows)
     methods = BASE_METHODS + (MORE_METHODS if args.all_methods else [])
+    batchings = [b.strip() for b in args.batchings.split(",") if b.strip()]
+    runs = []
     with tempfile.TemporaryDirectory(prefix="speccore-bench-") as tmp:
         data = write_jsonl(rows, Path(tmp) / "train.jsonl")
-        runs = [run_method(m, data, Path(tmp) / "cache", args) for m in methods]
-    by_name = {r["method"]: r for r in runs}
-    ratio = by_name["staff"]["timings"]["total"] / by_name["grand"]["timings"]["total"]
+        for batching in batchings:  # a cache per batching: each run pays its fine-tunes
+            cache = Path(tmp) / f"cache-{batching}"
+            runs += [run_method(m, data, cache, args, batching) for m in methods]
     print()
     print(stage_table(runs))
-    print(f"\nSTAFF / GraNd total time: {ratio:.2f} (paper: 0.30-0.85)")
+    ratios = {}
+    for batching in batchings:
+        by_name = {r["method"].split(" (")[0]: r for r in runs if r["batching"] == batching}
+        ratios[batching] = (
+            by_name["staff"]["timings"]["total"] / by_name["grand"]["timings"]["total"]
+        )
+        print(f"STAFF / GraNd total time ({batching}): {ratios[batching]:.2f} (paper: 0.30-0.85)")
+    ratio = ratios[batchings[-1]]
+    for r in runs:
+        for stage, v in (r.get("stage_tokens") or {}).items():
+            print(
+                f"{r['method']:>20} {stage:<22} {v['tokens']:>8} tokens  padding "
+                f"{100 * v['padding_fraction']:5.1f}%  {v['tokens_per_s']:>9,.0f} tok/s"
+            )
     overlaps, pairs = overlap_table(runs)
     m = coreset_size(len(rows), args.prune_rate)
     print(
@@ -150,6 +183,7 @@ def main() -> None:
         "rows": len(rows),
         "budget": m,
         "staff_over_grand": ratio,
+        "staff_over_grand_by_batching": ratios,
         "runs": runs,
         "jaccard": pairs,
     }

@@ -237,7 +237,7 @@ def test_scoring_token_scores_and_training_compute_the_same_loss() -> None:
     for i in range(len(data)):
         np.testing.assert_allclose(tokens[i], direct.tokens[i][direct.mask[i]], rtol=rtol)
     # One optimizer step over all samples: its logged loss is the loss before the update.
-    settings = TrainSettings(epochs=1, batch_size=len(data), learning_rate=1e-3, seed=0)
+    settings = TrainSettings(epochs=1, batch_tokens=10**6, learning_rate=1e-3, seed=0)
     stats = finetune(model, data, settings, max_batch_tokens=40)
     want = float(direct.total) / int(direct.mask.sum())
     assert stats["steps"] == 1 and stats["final_loss"] == pytest.approx(want, rel=rtol)

@@ -13,8 +13,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from conftest import model_tol, tol
 from speccore.data.batches import TokenizedData, collate, length_grouped_batches
-from speccore.scoring import runner
-from speccore.scoring.effort import effort_reference
+from speccore.scoring.effort import effort_batch, effort_reference
 from speccore.scoring.embeddings import embedding_batch
 from speccore.scoring.losses import loss_batch
 from speccore.scoring.runner import SCORE_FUNCTIONS, embed_samples, score_samples
@@ -93,7 +92,7 @@ def test_model_mode_is_restored(model, data) -> None:
 
 
 def test_unknown_score_lists_the_valid_ones(model, data) -> None:
-    with pytest.raises(ConfigError, match="effort, el2n, loss"):
+    with pytest.raises(ConfigError, match="effort, el2n, embedding, loss"):
         score_samples(model, data, "grand")
 
 
@@ -163,7 +162,7 @@ def test_resume_skips_done_batches_and_gives_identical_scores(
         score_samples(model, data, "effort", checkpoint=ckpt, **kwargs)
     assert len(first_calls) == 3 and ckpt.exists()
 
-    second, second_calls = counting(runner.effort_batch)
+    second, second_calls = counting(effort_batch)
     monkeypatch.setitem(SCORE_FUNCTIONS, "effort", second)
     resumed = score_samples(model, data, "effort", checkpoint=ckpt, **kwargs)
     assert len(second_calls) == len(plan) - 3
@@ -171,7 +170,7 @@ def test_resume_skips_done_batches_and_gives_identical_scores(
     np.testing.assert_array_equal(resumed, uninterrupted)
 
     # A finished checkpoint makes a repeat free; the file is left for the caller to delete.
-    third, third_calls = counting(runner.effort_batch)
+    third, third_calls = counting(effort_batch)
     monkeypatch.setitem(SCORE_FUNCTIONS, "effort", third)
     np.testing.assert_array_equal(
         score_samples(model, data, "effort", checkpoint=ckpt, **kwargs), uninterrupted

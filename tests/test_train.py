@@ -29,7 +29,9 @@ PAIRS = [
     ("Poem about the sea:", " waves come and go, the gulls cry."),
 ]
 
-FAST = TrainSettings(epochs=2, learning_rate=5e-3, batch_size=2, warmup_ratio=0.25)
+# Row batching where a test counts steps and samples by rows; TOKENS is the default batching.
+FAST = TrainSettings(epochs=2, learning_rate=5e-3, batch_size=2, warmup_ratio=0.25, batching="rows")
+TOKENS = replace(FAST, batching="tokens")
 
 
 @pytest.fixture(scope="module")
@@ -73,8 +75,9 @@ def test_loss_decreases_when_overfitting(data: TokenizedData) -> None:
     assert not model.training
 
 
-def test_same_seed_same_adapter_bit_for_bit(data: TokenizedData) -> None:
-    settings = replace(FAST, seed=5)
+@pytest.mark.parametrize("batching", ["tokens", "rows"])
+def test_same_seed_same_adapter_bit_for_bit(data: TokenizedData, batching: str) -> None:
+    settings = replace(FAST, seed=5, batching=batching)
     runs = []
     for seed in (5, 5, 6):
         model = _peft(dropout=0.1)  # dropout draws random numbers: they must be seeded too
@@ -130,7 +133,9 @@ def test_schedule_warms_up_then_decays_to_zero() -> None:
 def test_fractional_epochs_step_count(
     epochs: float, batch_size: int, grad_accum: int, steps: int
 ) -> None:
-    settings = TrainSettings(epochs=epochs, batch_size=batch_size, grad_accum=grad_accum)
+    settings = TrainSettings(
+        epochs=epochs, batch_size=batch_size, grad_accum=grad_accum, batching="rows"
+    )
     plan = plan_steps(16, settings)
     assert len(plan) == steps
     batches = [b for step in plan for b in step]
@@ -142,9 +147,10 @@ def test_fractional_epochs_step_count(
 
 
 def test_epochs_are_shuffled_by_seed() -> None:
-    plan = plan_steps(12, TrainSettings(epochs=2, batch_size=12, seed=1))
-    again = plan_steps(12, TrainSettings(epochs=2, batch_size=12, seed=1))
-    other = plan_steps(12, TrainSettings(epochs=2, batch_size=12, seed=2))
+    rows = TrainSettings(epochs=2, batch_size=12, seed=1, batching="rows")
+    plan = plan_steps(12, rows)
+    again = plan_steps(12, rows)
+    other = plan_steps(12, replace(rows, seed=2))
     first, second = plan[0][0], plan[1][0]
     assert not np.array_equal(first, second)  # a new order each epoch
     assert np.array_equal(first, again[0][0]) and not np.array_equal(first, other[0][0])
@@ -168,9 +174,9 @@ def test_token_mask_equals_ignored_labels(data: TokenizedData) -> None:
         data.pad_token_id,
     )
     a, b, plain = _peft(), _peft(), _peft()
-    finetune(a, masked, FAST)
-    finetune(b, relabelled, FAST)
-    finetune(plain, data, FAST)
+    finetune(a, masked, TOKENS)
+    finetune(b, relabelled, TOKENS)
+    finetune(plain, data, TOKENS)
     assert adapter_fingerprint(a) == adapter_fingerprint(b) != adapter_fingerprint(plain)
 
 

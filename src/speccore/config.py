@@ -29,6 +29,7 @@ Side = Literal["left", "right"]
 TokenScorer = Literal["small", "target"]
 TokenRank = Literal["sample", "global"]
 LoadIn = Literal["8bit", "4bit"]
+Batching = Literal["tokens", "rows"]
 TOKEN_RANKS = typing.get_args(TokenRank)
 
 
@@ -60,7 +61,24 @@ class TrainSettings:
 
     epochs: float = 3.0
     learning_rate: float = field(default=2e-4, metadata={"help": "fine-tune learning rate"})
-    batch_size: int = field(default=8, metadata={"help": "fine-tune batch size (samples)"})
+    batch_size: int = field(
+        default=8,
+        metadata={"help": "fine-tune batch size in rows (--batching rows; sizes the token budget)"},
+    )
+    batching: Batching = field(
+        default="tokens",
+        metadata={
+            "help": "fine-tune batches: tokens (rows of similar length filling --batch-tokens) "
+            "or rows (--batch-size rows in random order)"
+        },
+    )
+    batch_tokens: int = field(
+        default=0,
+        metadata={
+            "help": "padded tokens per fine-tune batch (0: --batch-size rows of the mean length, "
+            "as many steps as row batching; raise it on a GPU)"
+        },
+    )
     grad_accum: int = field(default=1, metadata={"help": "gradient accumulation steps"})
     warmup_ratio: float = field(default=0.1, metadata={"help": "warm-up share of the steps"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
@@ -74,6 +92,10 @@ class TrainSettings:
             raise ConfigError(f"--batch-size must be >= 1, got {self.batch_size}")
         if self.grad_accum < 1:
             raise ConfigError(f"--grad-accum must be >= 1, got {self.grad_accum}")
+        if self.batching not in ("tokens", "rows"):
+            raise ConfigError(f"--batching must be tokens or rows, got {self.batching!r}")
+        if self.batch_tokens < 0:
+            raise ConfigError(f"--batch-tokens must be >= 0 (0: auto), got {self.batch_tokens}")
         if not 0 <= self.warmup_ratio < 1:
             raise ConfigError(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
 
@@ -205,6 +227,13 @@ class SelectConfig:
     gradient_checkpointing: bool = field(
         default=False,
         metadata=_help("recompute activations in fine-tunes and effort scoring (less memory)"),
+    )
+    compile: bool = field(
+        default=False,
+        metadata=_help(
+            "torch.compile the models' forward for fine-tunes and loss scoring (effort runs "
+            "eager: its taps cannot be compiled)"
+        ),
     )
     engine: Engine = field(default="local", metadata=_help("scoring engine"))
     dry_run: bool = field(

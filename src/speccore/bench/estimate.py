@@ -2,7 +2,7 @@
 from measured per-token costs; nothing is written.
 
 It loads the target and tokenises the data as the bench does, then measures with the machinery
-of ``speccore select --dry-run`` (:mod:`speccore.dryrun`): seconds per padded token of a LoRA
+of ``speccore select --dry-run`` (:mod:`speccore.run.dryrun`): seconds per padded token of a LoRA
 forward + backward and of the ``loss`` score on the target, timed on the median-sized and the
 largest batch. A cell's fine-tune is its coreset's share of the full data's padded tokens
 (the bench's own batch plan, ``finetune.epochs`` included; the coreset's rows are not known
@@ -70,7 +70,7 @@ class Costs:
 
 
 class _TokensOnTarget:
-    """What :func:`speccore.dryrun._seconds_per_token` needs of a model slot: tokenised data
+    """What :func:`speccore.run.dryrun._seconds_per_token` needs of a model slot: tokenised data
     and the model with a fresh LoRA."""
 
     def __init__(self, data: TokenizedData, model: Any) -> None:

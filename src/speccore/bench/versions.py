@@ -3,7 +3,7 @@
 A finished cell is reused only if it was made by the same code and the same variant
 definition: a cell whose versions differ is *stale*, and the bench runs it again instead of
 mixing it into the tables. Bump a version whenever a change to that code changes its result
-(as :data:`speccore.cache.SCORER_VERSIONS` does for cached scores):
+(as :data:`speccore.utils.cache.SCORER_VERSIONS` does for cached scores):
 
 * :data:`GENERATION_VERSION`: greedy decoding (``bench.generate``: stopping, prompt cut);
 * :data:`METRICS_VERSION`: ROUGE-L and BLEU-4 scoring (``bench.metrics``);

@@ -8,7 +8,7 @@ that estimates the time left.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
@@ -158,13 +158,16 @@ class Batch:
     ``number`` is its place in the plan, ``rows`` the plan's entry (positions into the loop's
     ``indices``, or sample indices when it has none), ``samples`` the sample indices into the
     data, ``tensors`` the collated batch (``input_ids``, ``attention_mask``, ``labels``) on the
-    loop's device.
+    loop's device. ``keep`` is the batch's response window when the loop was given ``window``
+    (e.g. :func:`speccore.scoring.losses.kept_positions`), read from the labels on the host: pass
+    it on as ``keep=`` so that no device-to-host sync computes it again.
     """
 
     number: int
     rows: np.ndarray
     samples: np.ndarray
     tensors: dict[str, torch.Tensor]
+    keep: int | None = None
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -197,8 +200,10 @@ class BatchLoop:
         desc: str = "batches",
         unit: str = "sample",
         leave: bool = True,
+        window: Callable[[torch.Tensor], int] | None = None,
     ) -> None:
         self.data, self.plan, self.indices = data, plan, indices
+        self.window = window
         self.device = torch.device("cpu") if device is None else torch.device(device)
         self.padding_side = padding_side
         self.skip = skip
@@ -207,6 +212,8 @@ class BatchLoop:
         self.bar = progress(total=total, initial=done, desc=desc, unit=unit, leave=leave)
 
     def __iter__(self) -> Iterator[Batch]:
+        from ..models.speed import to_device
+
         try:
             for number, rows in enumerate(self.plan):
                 if number in self.skip:
@@ -214,8 +221,9 @@ class BatchLoop:
                 rows = np.asarray(rows, dtype=np.int64)
                 samples = rows if self.indices is None else self.indices[rows]
                 batch = collate(self.data, samples, self.padding_side)
-                tensors = {k: v.to(self.device) for k, v in batch.items()}
-                yield Batch(number, rows, samples, tensors)
+                # The response window from the host's labels: no device sync computes it.
+                keep = None if self.window is None else self.window(batch["labels"])
+                yield Batch(number, rows, samples, to_device(batch, self.device), keep)
                 self.bar.update(len(rows))
         finally:
             self.bar.close()

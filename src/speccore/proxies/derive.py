@@ -64,7 +64,7 @@ from ..models.load import (
 from ..models.lora import seeded
 from ..scoring.losses import eval_mode, forward, model_device
 from ..train import lr_factor, warmup_steps
-from ..train.finetune import RunState, StepCheckpoint, checkpoint_key, save_for_stop
+from ..train.loop import RunState, StepCheckpoint, checkpoint_key, save_for_stop
 from ..utils import interrupt
 from ..utils.cache import SCORER_VERSIONS, cache_key
 from ..utils.errors import ConfigError, ModelError

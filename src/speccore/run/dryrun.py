@@ -165,7 +165,7 @@ def training_pieces(data: TokenizedData, cfg: SelectConfig, epochs: float) -> li
     lengths = data.lengths
     return [
         piece
-        for step in plan_steps(len(data), settings)
+        for step in plan_steps(lengths, settings)
         for batch in step
         for piece in length_grouped_batches(lengths, cfg.max_batch_tokens, indices=batch)
     ]

@@ -113,6 +113,7 @@ def _run(
             tokens = select_tokens(provider, selection, cfg)
         selection.info["tokens"] = tokens.info
     selection.timings = {k: round(v, 4) for k, v in provider.timer.timings.items() if v >= 5e-4}
+    selection.info["stage_tokens"] = provider.timer.throughput()
     selection.config = cfg.to_dict()
     selection.versions = versions()
     selection.info["target_samples_scored"] = provider.rows_scored.get("target", 0)

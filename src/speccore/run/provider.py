@@ -157,6 +157,10 @@ class ModelSlot:
                 from ..models.lora import enable_gradient_checkpointing
 
                 enable_gradient_checkpointing(self._peft)
+            if self.cfg.compile:
+                from ..models.speed import compile_forward
+
+                compile_forward(self._peft)
             self._fresh_state = {
                 k: v.detach().clone() for k, v in get_peft_model_state_dict(self._peft).items()
             }
@@ -171,6 +175,9 @@ class ModelSlot:
                 from ..models.lora import disable_gradient_checkpointing
 
                 disable_gradient_checkpointing(self._peft)
+            from ..models.speed import uncompile_forward
+
+            uncompile_forward(self._peft)
             detach_lora(self._peft)
             self._peft = None
             self._fresh_state = None
@@ -255,7 +262,7 @@ class ModelSlot:
             # a second STAFF fine-tune.
             stage = f"{self.role} fine-tune" if rows is None else "token cross-fit fine-tune"
             with self.timer.stage(stage):
-                finetune(
+                stats = finetune(
                     model,
                     data,
                     settings,
@@ -266,8 +273,20 @@ class ModelSlot:
                     checkpoint=self.cache.finetune_checkpoint(key),
                     checkpoint_seconds=self.cfg.checkpoint_seconds,
                 )
+            self.timer.count(stage, stats["tokens"], stats["padded_tokens"])
             save_adapter(model, folder)
             shutil.rmtree(self.cache.finetune_checkpoint(key), ignore_errors=True)
+
+    def count_scored(self, stage: str, indices: np.ndarray | None) -> None:
+        """Add the tokens (real and padded) of scoring ``indices`` (None: all rows) to
+        ``stage``'s count, as the runner batches them."""
+        from ..data.batches import length_grouped_batches
+        from ..train.batching import padded_tokens
+
+        lengths = self.data.lengths
+        idx = np.arange(len(lengths)) if indices is None else np.asarray(indices)
+        batches = length_grouped_batches(lengths, self.cfg.max_batch_tokens, indices=idx)
+        self.timer.count(stage, *padded_tokens(lengths, batches))
 
     def adapter_fp(self) -> str:
         from ..models import adapter_fingerprint
@@ -322,7 +341,7 @@ class ModelSlot:
         from ..selection.checkpoints import snapshot_steps
         from ..train import plan_steps
 
-        wanted = set(snapshot_steps(len(plan_steps(len(data), settings))))
+        wanted = set(snapshot_steps(len(plan_steps(data.lengths, settings))))
         snapshots = snapshot_folder(folder)
         model = self.peft
 
@@ -336,7 +355,7 @@ class ModelSlot:
         """Optimizer steps of this model's full-data fine-tune of ``epochs`` epochs."""
         from ..train import plan_steps
 
-        return len(plan_steps(len(self.data), self.cfg.train_settings(epochs)))
+        return len(plan_steps(self.data.lengths, self.cfg.train_settings(epochs)))
 
     def use_snapshot(self, path: Path) -> PeftModel:
         """The model under a LoRA snapshot saved during its fine-tune."""
@@ -366,7 +385,7 @@ class ModelSlot:
         settings = self.cfg.train_settings(epochs)
         model = self.use_fresh()
         with self.timer.stage(f"{self.role} fine-tune"):
-            finetune(
+            stats = finetune(
                 model,
                 self.data,
                 settings,
@@ -374,6 +393,7 @@ class ModelSlot:
                 desc=f"fine-tune {self.role} (snapshots)",
                 on_step=self._snapshot_hook(folder, self.data, settings),
             )
+        self.timer.count(f"{self.role} fine-tune", stats["tokens"], stats["padded_tokens"])
         set_peft_model_state_dict(model, load_file(str(folder / "adapter_model.safetensors")))
         self.state = state
 
@@ -405,6 +425,7 @@ class CachedScorer:
             with slot.timer.stage(stage):
                 request = slot.request(score, key, None, cache.checkpoint_path(key))
                 values = self._engine()(request)
+            slot.count_scored(stage, None)
             cache.put_full(key, values)
         return values
 
@@ -436,6 +457,7 @@ class CachedScorer:
             checkpoint = cache.partial_checkpoint_path(key)
             with slot.timer.stage(stage):
                 values = self._engine()(slot.request(score, key, missing, checkpoint))
+            slot.count_scored(stage, missing)
             known.update(zip(missing.tolist(), values.tolist(), strict=True))
             cache.put_partial(key, known)
             checkpoint.unlink(missing_ok=True)
@@ -462,6 +484,7 @@ class CachedScorer:
                     desc=f"{output} on {slot.role}",
                     output=output,
                 )
+            slot.count_scored(stage, None)
             cache.put_full(key, values)
         return values
 

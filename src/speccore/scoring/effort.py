@@ -39,6 +39,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from ..data.batches import IGNORE_INDEX
+from ..models.speed import eager_forward
 from ..utils.errors import ModelError
 from .losses import eval_mode, forward, kept_positions, response_loss, token_losses
 from .outputs import register_output
@@ -52,7 +53,7 @@ _NO_LORA = (
 @register_output(
     "effort", version=2, description="L2 norm of the loss gradient w.r.t. the LoRA parameters"
 )  # 2: float32 accumulation of the per-sample gradient norms
-def effort_batch(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+def effort_batch(model: nn.Module, batch: dict[str, Tensor], keep: int | None = None) -> Tensor:
     """Per-sample effort ``||grad_phi L_d||_2`` (phi = the active LoRA A and B weights), ``[B]``.
 
     One forward and one backward for the whole batch; the model runs in eval mode (its modes are
@@ -62,18 +63,27 @@ def effort_batch(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
     Any model dtype: the per-sample gradient pieces are formed and summed in float32 and the loss
     is float32. With gradient checkpointing on
     (:func:`~speccore.models.lora.enable_gradient_checkpointing`) the checkpointed blocks
-    recompute their activations in the backward, for the same scores.
+    recompute their activations in the backward, for the same scores. A compiled forward
+    (``--compile``) is bypassed: the taps hold Python objects that a graph cannot.
+    ``keep``: the response window when the caller knows it (the batch loop reads it on the
+    host), else computed from the labels.
     """
     pairs = _lora_pairs(model)
     if not pairs:
         raise ModelError(_NO_LORA)
     labels = batch["labels"]
     counts = (labels[:, 1:] != IGNORE_INDEX).sum(-1)
-    keep = kept_positions(labels)  # logits only over the response window
+    if keep is None:
+        keep = kept_positions(labels)  # logits only over the response window
     tracker = _Tracker(valid=batch["attention_mask"].bool(), shape=tuple(labels.shape), keep=keep)
     handles: list[RemovableHandle] = []
     try:
-        with torch.inference_mode(False), torch.enable_grad(), eval_mode(model):
+        with (
+            torch.inference_mode(False),
+            torch.enable_grad(),
+            eval_mode(model),
+            eager_forward(model),
+        ):
             _checkpointed_blocks_on(model)
             for pair in pairs:
                 handles += tracker.attach(pair)

@@ -95,7 +95,8 @@ def response_window(labels: Tensor) -> int:
     response token of every sample then lies in the last ``N = T - s`` positions, whatever the
     padding side (right padding only adds ignored positions at the end, left padding only at the
     start). Returns ``1 <= N <= T``; 1 when nothing counts at all (no logit is needed, but
-    ``logits_to_keep=0`` would mean "all").
+    ``logits_to_keep=0`` would mean "all"). Labels on a GPU cost a host sync: the batch loop
+    computes it from the host's copy (:attr:`speccore.data.batches.Batch.keep`).
     """
     length = labels.shape[-1]
     if length < 2:  # no label has a predicting logit
@@ -241,27 +242,29 @@ def response_loss(
 @register_output(
     "loss", version=2, description="mean token loss over the response"
 )  # 2: one response-window loss for training, scoring and token scores
-def loss_batch(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
-    """Per-sample mean loss over response tokens, float64 on the CPU, shape ``[B]``."""
+def loss_batch(model: nn.Module, batch: dict[str, Tensor], keep: int | None = None) -> Tensor:
+    """Per-sample mean loss over response tokens, float64 on the CPU, shape ``[B]``.
+
+    ``keep``: the response window when the caller knows it (see :func:`response_logits`)."""
     with torch.inference_mode(), eval_mode(model):
-        losses = response_loss(model, batch).mean
+        losses = response_loss(model, batch, keep).mean
     return as_output(losses)
 
 
 @register_output(
     "el2n", version=2, description="mean L2 norm of softmax minus one-hot over the response"
 )
-def el2n_batch(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+def el2n_batch(model: nn.Module, batch: dict[str, Tensor], keep: int | None = None) -> Tensor:
     """Per-sample EL2N: mean over response tokens of ``||softmax(z_t) - onehot(y_t)||_2``.
 
     ``z_t`` are the logits that *predict* token ``y_t`` (shifted by one position), and the error
     vector uses probabilities, as the EL2N paper (Paul et al., 2021) defines it. Note that the
     authors' public code for LLM fine-tuning compares position ``t`` with label ``t`` and uses raw
     logits; we follow the paper's definition instead. Float64 on the CPU, shape ``[B]``; ``nan``
-    for a sample with no response token.
+    for a sample with no response token. ``keep`` as in :func:`loss_batch`.
     """
     with torch.inference_mode(), eval_mode(model):
-        logits, labels = response_logits(model, batch)
+        logits, labels = response_logits(model, batch, keep)
         mask = labels[:, 1:] != IGNORE_INDEX
         # Only the counted positions: a [N, V] softmax rather than [B, T, V]. Each vocabulary-
         # wide tensor is dropped as soon as the next one exists, so at most two are alive.

@@ -15,12 +15,14 @@ import difflib
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from torch import Tensor, nn
+from torch import Tensor
 
 from ..utils.cache import register_version
 from ..utils.errors import ConfigError
 
-BatchFunction = Callable[[nn.Module, dict[str, Tensor]], Tensor]
+#: ``fn(model, batch)``, or ``fn(model, batch, keep=...)`` taking the response window read on
+#: the host (the batch loop hands it over when the function accepts it).
+BatchFunction = Callable[..., Tensor]
 
 
 @dataclass(frozen=True)

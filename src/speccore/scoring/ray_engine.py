@@ -444,6 +444,7 @@ class ShardScorer:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from ..data.batches import collate
+        from ..models.speed import adapter_autocast
         from .losses import model_device
 
         shard = int(batch["shard"][0])
@@ -460,7 +461,8 @@ class ShardScorer:
         for size in np.asarray(batch["batch_sizes"][0], dtype=np.int64).tolist():
             rows = np.arange(start, start + size)
             tensors = {k: v.to(device) for k, v in collate(data, rows).items()}
-            values[rows] = self.fn(self.model, tensors).double().cpu().numpy()
+            with adapter_autocast(self.model):  # as the local runner scores
+                values[rows] = self.fn(self.model, tensors).double().cpu().numpy()
             start += size
         return {
             "shard": np.full(len(values), shard, dtype=np.int64),

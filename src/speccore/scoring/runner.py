@@ -7,6 +7,7 @@ an uninterrupted run, and gets bit-identical scores.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import time
 from pathlib import Path
@@ -17,20 +18,23 @@ from torch import Tensor, nn
 
 from ..data.batches import (
     IGNORE_INDEX,
+    Batch,
     BatchLoop,
     TokenizedData,
     length_grouped_batches,
     sample_indices,
 )
+from ..models.speed import adapter_autocast
 from ..utils import interrupt
 from ..utils.errors import ConfigError, ScoringError
 from ..utils.io import fingerprint, load_npz, save_npz
 from . import effort, embeddings  # noqa: F401  (register their outputs)
-from .losses import eval_mode, model_device
+from .losses import eval_mode, kept_positions, model_device
 from .outputs import SCORE_FUNCTIONS, BatchFunction, batch_function, get_output
 
 logger = logging.getLogger(__name__)
 
+# (model, batch[, keep=response window or None]) -> per-sample scores
 ScoreFunction = BatchFunction
 
 #: Default of ``checkpoint_seconds``: a hard stop (SIGKILL, power loss) loses at most this much.
@@ -55,8 +59,9 @@ def score_samples(
 
     Returns float64 scores aligned with ``indices`` (or with ``data``). Batches go to ``device``
     (default: the model's device; the model itself is not moved) and the model runs in eval
-    mode, its modes restored afterwards. A non-finite score raises :class:`ScoringError` naming
-    the sample.
+    mode, its modes restored afterwards, a half-precision base with float32 adapters under
+    autocast (:func:`~speccore.models.speed.adapter_autocast`). A non-finite score raises
+    :class:`ScoringError` naming the sample.
 
     With ``checkpoint``, finished batches are saved there (atomically) once ``checkpoint_every``
     samples or ``checkpoint_seconds`` seconds (None: no time limit) have passed since the last
@@ -84,12 +89,19 @@ def score_samples(
     try:
         with (
             eval_mode(model),
+            adapter_autocast(model),
             BatchLoop(
-                data, plan, indices=idx, device=dev, skip=frozenset(state.done), desc=desc
+                data,
+                plan,
+                indices=idx,
+                device=dev,
+                skip=frozenset(state.done),
+                desc=desc,
+                window=kept_positions,
             ) as loop,
         ):
             for batch in loop:
-                values = fn(model, batch.tensors).detach().double().cpu().numpy()
+                values = _call(fn, model, batch).detach().double().cpu().numpy()
                 _check_finite(values, batch.samples, batch.tensors, score)
                 state.record(batch.number, batch.rows, values)
                 interrupt.stop_point(state.save_now, len(idx))
@@ -144,6 +156,25 @@ def _score_function(score: str) -> ScoreFunction:
         get_output(score)  # an unknown name: the error lists the valid ones
         raise ConfigError(f"{score!r} is a vector output; score_samples takes scalar outputs")
     return SCORE_FUNCTIONS[score]
+
+
+def _call(fn: ScoreFunction, model: nn.Module, batch: Batch) -> Tensor:
+    """``fn`` on the batch, handing it the response window read on the host (no device sync)
+    when it takes ``keep``; a score function of ``(model, batch)`` alone works too."""
+    if fn not in _TAKES_KEEP:
+        try:
+            names = inspect.signature(fn).parameters
+            _TAKES_KEEP[fn] = "keep" in names or any(
+                p.kind == p.VAR_KEYWORD for p in names.values()
+            )
+        except (TypeError, ValueError):
+            _TAKES_KEEP[fn] = False
+    if _TAKES_KEEP[fn]:
+        return fn(model, batch.tensors, keep=batch.keep)
+    return fn(model, batch.tensors)
+
+
+_TAKES_KEEP: dict[ScoreFunction, bool] = {}
 
 
 def _check_args(

@@ -418,6 +418,7 @@ class StageTimer:
     def __init__(self) -> None:
         self.timings: dict[str, float] = {}
         self._inner: list[float] = []
+        self.tokens: dict[str, list[int]] = {}  # stage -> [real tokens, padded tokens]
 
     @contextlib.contextmanager
     def stage(self, name: str) -> Iterator[None]:
@@ -431,6 +432,27 @@ class StageTimer:
             self.timings[name] = self.timings.get(name, 0.0) + elapsed - inner
             if self._inner:
                 self._inner[-1] += elapsed
+
+    def count(self, name: str, tokens: float, padded: float) -> None:
+        """Add the model work of stage ``name``: real and padded tokens through the model."""
+        held = self.tokens.setdefault(name, [0, 0])
+        held[0] += int(tokens)
+        held[1] += int(padded)
+
+    def throughput(self) -> dict[str, dict[str, float]]:
+        """Per counted stage: ``tokens``, ``padding_tokens`` (padded minus real),
+        ``padding_fraction`` (of the padded tokens) and ``tokens_per_s`` (real tokens over the
+        stage's exclusive time)."""
+        out = {}
+        for name, (real, padded) in self.tokens.items():
+            seconds = self.timings.get(name, 0.0)
+            out[name] = {
+                "tokens": real,
+                "padding_tokens": padded - real,
+                "padding_fraction": round((padded - real) / padded, 4) if padded else 0.0,
+                "tokens_per_s": round(real / seconds, 1) if seconds > 0 else 0.0,
+            }
+        return out
 
 
 def rng_for(seed: int, *salt: str | int) -> np.random.Generator:

@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from .finetune import finetune, lr_factor, plan_steps, warmup_steps
+from .loop import finetune, lr_factor, plan_steps, warmup_steps
 
 __all__ = ["finetune", "lr_factor", "plan_steps", "warmup_steps"]

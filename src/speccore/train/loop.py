@@ -1,9 +1,16 @@
 """LoRA fine-tuning: AdamW, linear warm-up then cosine decay, gradient accumulation and clipping.
 
 The loss of one optimizer step is the mean cross-entropy over every response token of the step
-(all its accumulated batches together): a long response counts per token, as in Hugging Face's
-Trainer. Splitting a batch into smaller pieces (``max_batch_tokens``) therefore does not change
-what is learned, only the memory it takes.
+(all its accumulated batches together): the summed token losses of the step divided by its
+response tokens, so a long response counts per token, as in Hugging Face's Trainer, and the
+shape of the batches does not change the objective. Splitting a batch into smaller pieces
+(``max_batch_tokens``) therefore does not change what is learned, only the memory it takes.
+
+Batches are cut by tokens, grouped by length (:mod:`speccore.train.batching`), or by rows
+(``batching="rows"``). The loop never waits for the device: the loss stays there and is read
+every :data:`LOSS_EVERY` steps, response windows come from the host's labels, copies are pinned
+and non-blocking, AdamW is fused on CUDA, and a half-precision base runs its float32 adapters
+under autocast (:mod:`speccore.models.speed`).
 """
 
 from __future__ import annotations
@@ -24,15 +31,20 @@ import torch
 from ..config import TrainSettings
 from ..data.batches import IGNORE_INDEX, BatchLoop, TokenizedData, length_grouped_batches
 from ..models.lora import seeded
-from ..scoring.losses import response_loss
+from ..models.speed import adamw, adapter_autocast
+from ..scoring.losses import kept_positions, response_loss
 from ..utils import interrupt
 from ..utils.errors import ConfigError, DataError, ModelError
 from ..utils.io import atomic_path, fingerprint
+from .batching import BATCHINGS, batch_budget, device_batch_tokens, plan_batches
 
 logger = logging.getLogger(__name__)
 
 #: The file :func:`finetune` keeps its state in, inside its ``checkpoint`` folder.
 CHECKPOINT_FILE = "finetune_state.pt"
+
+#: Optimizer steps between two reads of the loss on the host (each read waits for the device).
+LOSS_EVERY = 16
 
 
 def finetune(
@@ -50,10 +62,12 @@ def finetune(
     """Fine-tune the trainable (LoRA) parameters of ``model`` on ``data``; returns statistics.
 
     Each epoch shuffles the samples with seed ``settings.seed + epoch`` and cuts them into
-    batches of ``batch_size``; ``grad_accum`` batches make one optimizer step. Fractional
-    ``epochs`` run that share of an epoch's batches. ``max_batch_tokens`` caps a forward pass's
-    padded size by splitting a batch (same result, less memory). Dropout is seeded too, so the
-    same settings give the same adapter bit for bit on the CPU. The model is left in eval mode.
+    batches (:func:`plan_steps`: by tokens, grouped by length, or by rows); ``grad_accum``
+    batches make one optimizer step. Fractional ``epochs`` run that share of an epoch's batches.
+    ``max_batch_tokens`` caps a forward pass's padded size by splitting a batch (same result,
+    less memory); None: no cap on the CPU, on CUDA one sized from free device memory
+    (:func:`~speccore.train.batching.device_batch_tokens`). Dropout is seeded too, so the same
+    settings give the same adapter bit for bit on the CPU. The model is left in eval mode.
 
     With ``checkpoint`` (a folder), the state after an optimizer step (trainable weights,
     optimizer and scheduler, the step, the RNG states of torch, numpy and Python, the losses so
@@ -71,23 +85,23 @@ def finetune(
     provider saves S2L's LoRA snapshots with it). It must not change the model or draw from
     an RNG.
 
-    Returns ``steps``, ``epochs``, ``samples``, ``tokens``, ``final_loss``, ``mean_loss``,
-    ``seconds`` and ``tokens_per_s``.
+    Returns ``steps``, ``epochs``, ``samples``, ``tokens``, ``padded_tokens`` (the forward
+    passes' padded size), ``batch_tokens`` (the token budget, 0 for row batching),
+    ``final_loss``, ``mean_loss``, ``seconds`` and ``tokens_per_s`` (real tokens).
     """
     _validate(settings, max_batch_tokens, checkpoint_steps, checkpoint_seconds)
     if settings.epochs == 0:
-        return _stats(0, settings.epochs, 0, 0, [], 0.0)
+        return _stats(0, settings.epochs, RunState(0), 0, 0.0)
     if len(data) == 0:
         raise DataError("no samples to fine-tune on: the training data is empty")
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not named:
         raise ModelError("model has no trainable parameters: attach a LoRA adapter first")
     params = [p for _, p in named]
-    plan = plan_steps(len(data), settings)
-    steps = _Steps.of(data, plan, max_batch_tokens)
-    optimizer = torch.optim.AdamW(
-        params, lr=settings.learning_rate, weight_decay=settings.weight_decay
-    )
+    plan = plan_steps(data.lengths, settings)
+    cap = max_batch_tokens if max_batch_tokens is not None else device_batch_tokens(model)
+    steps = _Steps.of(data, plan, cap)
+    optimizer = adamw(params, settings.learning_rate, settings.weight_decay)
     warmup = warmup_steps(len(plan), settings.warmup_ratio)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step, len(plan), warmup)
@@ -110,23 +124,29 @@ def finetune(
                 saver.load(model, named, optimizer, scheduler, run)
             done = frozenset(np.flatnonzero(steps.step_of < run.step).tolist())
             with BatchLoop(
-                data, steps.pieces, device=device, skip=done, desc=desc, unit="sample"
+                data,
+                steps.pieces,
+                device=device,
+                skip=done,
+                desc=desc,
+                unit="sample",
+                window=kept_positions,
             ) as loop:
                 for batch in loop:
                     step = int(steps.step_of[batch.number])
-                    run.samples += len(batch)
-                    run.tokens += int(lengths[batch.samples].sum())
+                    run.count(batch.samples, lengths)
                     if steps.learned[batch.samples].any():  # else prompts only: no forward pass
-                        loss = response_loss(model, batch.tensors).total
+                        with adapter_autocast(model):
+                            loss = response_loss(model, batch.tensors, batch.keep).total
                         (loss / int(steps.tokens[step])).backward()
-                        run.step_loss += float(loss.detach())
+                        run.add_loss(loss.detach())
                     if steps.last_piece[step] == batch.number:
                         _finish_step(
                             optimizer, scheduler, params, settings, run, int(steps.tokens[step])
                         )
                         if on_step is not None:
                             on_step(run.step)
-                        if run.losses:
+                        if run.step % LOSS_EVERY == 0 and run.read_losses():
                             loop.set_postfix(loss=f"{run.losses[-1]:.4f}")
                         if saver is not None:
                             saver.maybe_save(named, optimizer, scheduler, run)
@@ -143,31 +163,22 @@ def finetune(
     finally:
         model.eval()
         _set_host_rng_state(caller_rng)
-    stats = _stats(
-        len(plan), settings.epochs, run.samples, run.tokens, run.losses, time.perf_counter() - start
-    )
+    run.read_losses()
+    budget = batch_budget(lengths, settings) if settings.batching == "tokens" else 0
+    stats = _stats(len(plan), settings.epochs, run, budget, time.perf_counter() - start)
     logger.info("%s: %s", desc, stats)
     return stats
 
 
-def plan_steps(n: int, settings: TrainSettings) -> list[list[np.ndarray]]:
+def plan_steps(lengths: np.ndarray | int, settings: TrainSettings) -> list[list[np.ndarray]]:
     """The sample indices of every batch, grouped by optimizer step.
 
-    ``ceil(epochs · batches_per_epoch)`` batches in all, epoch ``e`` drawn from a permutation
-    seeded with ``seed + e``; every ``grad_accum`` consecutive batches form one step.
+    Token batching (the default) needs the rows' ``lengths``; row batching takes their number
+    too: ``ceil(epochs · batches_per_epoch)`` batches, epoch ``e`` a permutation seeded with
+    ``seed + e``. Every ``grad_accum`` consecutive batches form one step. See
+    :mod:`speccore.train.batching`.
     """
-    per_epoch = math.ceil(n / settings.batch_size)
-    total = max(1, math.ceil(settings.epochs * per_epoch - 1e-9))
-    batches: list[np.ndarray] = []
-    epoch = 0
-    while len(batches) < total:
-        order = np.random.default_rng(settings.seed + epoch).permutation(n)
-        for start in range(0, n, settings.batch_size):
-            batches.append(order[start : start + settings.batch_size])
-        epoch += 1
-    batches = batches[:total]
-    k = settings.grad_accum
-    return [batches[i : i + k] for i in range(0, total, k)]
+    return plan_batches(lengths, settings)
 
 
 def warmup_steps(total: int, warmup_ratio: float) -> int:
@@ -237,14 +248,48 @@ def _learned_tokens(data: TokenizedData) -> np.ndarray:
 @dataclass
 class RunState:
     """What a training loop (a fine-tune, a derived model's healing) has done so far (saved
-    with its checkpoint)."""
+    with its checkpoint).
+
+    Step losses stay on the device (``pending``, with each step's token count) until
+    :meth:`read_losses` moves them to ``losses``: one host sync per read, not per batch."""
 
     n_steps: int
     step: int = 0  # optimizer steps done
     losses: list[float] = field(default_factory=list)
     samples: int = 0
     tokens: int = 0
-    step_loss: float = 0.0  # summed token loss of the step in progress
+    padded: int = 0  # padded tokens of the forward passes
+    step_loss: Any = 0.0  # summed token loss of the step in progress (a device tensor once set)
+    pending: list[tuple[int, Any, int]] = field(default_factory=list)  # (step, loss sum, tokens)
+
+    def count(self, samples: np.ndarray, lengths: np.ndarray) -> None:
+        """Count a forward pass over ``samples`` (real and padded tokens)."""
+        self.samples += len(samples)
+        rows = lengths[samples]
+        self.tokens += int(rows.sum())
+        self.padded += len(rows) * int(rows.max()) if len(rows) else 0
+
+    def add_loss(self, loss: Any) -> None:
+        self.step_loss = self.step_loss + loss
+
+    def read_losses(self) -> bool:
+        """Move the pending step losses to the host (one sync); a non-finite one raises
+        :class:`ModelError`. Whether any was moved."""
+        if not self.pending:
+            return False
+        sums = torch.stack([torch.as_tensor(s, dtype=torch.float32) for _, s, _ in self.pending])
+        values = sums.double().cpu().tolist()
+        for (step, _, n), total in zip(self.pending, values, strict=True):
+            loss = total / n
+            if not math.isfinite(loss):
+                self.pending.clear()
+                raise ModelError(
+                    f"fine-tuning loss became {loss} at step {step}: lower "
+                    "--learning-rate or use --dtype float32"
+                )
+            self.losses.append(loss)
+        self.pending.clear()
+        return True
 
 
 def _finish_step(
@@ -260,16 +305,11 @@ def _finish_step(
     if n_tokens == 0:
         logger.debug("skipping a step without response tokens")
     else:
-        loss = run.step_loss / n_tokens
-        if not math.isfinite(loss):
-            raise ModelError(
-                f"fine-tuning loss became {loss} at step {step}: lower "
-                "--learning-rate or use --dtype float32"
-            )
+        # Checked for finiteness when read (RunState.read_losses), not here: no host sync.
+        run.pending.append((step, run.step_loss, n_tokens))
         if settings.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
         optimizer.step()
-        run.losses.append(loss)
     optimizer.zero_grad(set_to_none=True)
     scheduler.step()
     run.step, run.step_loss = step + 1, 0.0
@@ -330,6 +370,7 @@ class StepCheckpoint:
     ) -> None:
         if run.step == self.saved_step and self.path.exists():
             return
+        run.read_losses()
         state = {
             "key": self.key,
             "step": run.step,
@@ -340,6 +381,7 @@ class StepCheckpoint:
             "losses": list(run.losses),
             "samples": run.samples,
             "tokens": run.tokens,
+            "padded": run.padded,
         }
         with atomic_path(self.path) as tmp:
             torch.save(state, tmp)
@@ -376,6 +418,7 @@ class StepCheckpoint:
         _set_rng_state(state["rng"], named)
         run.step, run.losses = step, [float(x) for x in state["losses"]]
         run.samples, run.tokens = int(state["samples"]), int(state["tokens"])
+        run.padded = int(state.get("padded", 0))
         self.saved_step = step
         interrupt.report(step, run.n_steps, "steps")
         logger.info("resumed %s at step %d of %d from %s", self.label, step, run.n_steps, self.path)
@@ -459,6 +502,10 @@ def _validate(
         raise ConfigError(f"fine-tune epochs must be >= 0, got {settings.epochs}")
     if settings.batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {settings.batch_size}")
+    if settings.batching not in BATCHINGS:
+        raise ConfigError(f"--batching must be one of {BATCHINGS}, got {settings.batching!r}")
+    if settings.batch_tokens < 0:
+        raise ConfigError(f"--batch-tokens must be >= 0 (0: auto), got {settings.batch_tokens}")
     if settings.grad_accum < 1:
         raise ConfigError(f"--grad-accum must be >= 1, got {settings.grad_accum}")
     if settings.learning_rate <= 0:
@@ -474,15 +521,18 @@ def _validate(
 
 
 def _stats(
-    steps: int, epochs: float, samples: int, tokens: int, losses: list[float], seconds: float
+    steps: int, epochs: float, run: RunState, budget: int, seconds: float
 ) -> dict[str, float]:
+    losses = run.losses
     return {
         "steps": float(steps),
         "epochs": float(epochs),
-        "samples": float(samples),
-        "tokens": float(tokens),
+        "samples": float(run.samples),
+        "tokens": float(run.tokens),
+        "padded_tokens": float(run.padded),
+        "batch_tokens": float(budget),
         "final_loss": losses[-1] if losses else float("nan"),
         "mean_loss": float(np.mean(losses)) if losses else float("nan"),
         "seconds": seconds,
-        "tokens_per_s": tokens / seconds if seconds > 0 else 0.0,
+        "tokens_per_s": run.tokens / seconds if seconds > 0 else 0.0,
     }
