@@ -45,7 +45,8 @@ from speccore.data.batches import TokenizedData
 from speccore.models import LoadedModel, attach_lora, detach_lora, load_model
 from speccore.proxies.agree import ScoredRows, compare, sample_rows, score_rows
 from speccore.proxies.costs import cost_table, measured_cost_ratio, on_paper
-from speccore.proxies.derive import DeriveSettings, derive_model, read_derivation
+from speccore.proxies.derive import derive_model, read_derivation
+from speccore.proxies.derive_settings import DeriveSettings
 from speccore.train import finetune
 
 logger = logging.getLogger("derive_agreement")

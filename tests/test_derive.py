@@ -21,19 +21,22 @@ from speccore.data.batches import IGNORE_INDEX, TokenizedData, collate
 from speccore.data.encode import tokenize_pairs
 from speccore.models import LoadedModel, attach_lora, check_family, load_model, tiny_model_folder
 from speccore.proxies import derive as derive_module
+from speccore.proxies import heal as heal_module
+from speccore.proxies import layers as layers_module
 from speccore.proxies.derive import (
-    DeriveSettings,
-    block_influence,
-    build_derived,
     derive_model,
-    derived_config,
-    distillation_kl,
-    heal,
     is_derive_spec,
-    layer_count,
     parse_derive_spec,
     read_derivation,
     resolve_derived,
+)
+from speccore.proxies.derive_settings import DeriveSettings
+from speccore.proxies.heal import distillation_kl, heal
+from speccore.proxies.layers import (
+    block_influence,
+    build_derived,
+    derived_config,
+    layer_count,
     select_layers,
     uniform_layers,
 )
@@ -254,7 +257,7 @@ def test_block_influence_matches_a_direct_computation(
 def test_block_influence_keeps_the_highest(llama: LoadedModel, monkeypatch: Any) -> None:
     data = rows_data(llama.tokenizer, 8, 1)
     fake = np.array([0.1, 0.5, 0.2, 0.9, 0.3, 0.4])
-    monkeypatch.setattr(derive_module, "block_influence", lambda *a, **k: fake)
+    monkeypatch.setattr(layers_module, "block_influence", lambda *a, **k: fake)
     settings = DeriveSettings(layers=3, layer_selection="block-influence")
     kept, bi = select_layers(llama.model, settings, data)
     assert kept == [1, 3, 5] and bi is fake
@@ -555,7 +558,7 @@ def test_derive_interrupted_while_healing_resumes_and_cleans_up(
 
     monkeypatch.setenv("SPECCORE_CACHE", str(tmp_path / "stopped"))
     calls = []
-    original = derive_module._heal_step
+    original = heal_module._heal_step
 
     def stop_in_step_two(*args: Any) -> float:
         calls.append(1)
@@ -563,11 +566,11 @@ def test_derive_interrupted_while_healing_resumes_and_cleans_up(
             os.kill(os.getpid(), signal.SIGTERM)  # the step finishes, is saved, then it stops
         return original(*args)
 
-    monkeypatch.setattr(derive_module, "_heal_step", stop_in_step_two)
+    monkeypatch.setattr(heal_module, "_heal_step", stop_in_step_two)
     with pytest.raises(Interrupted) as caught, interruptible():
         derive_model(llama, settings=settings, data=data, max_batch_tokens=96)
     assert caught.value.done == 2
-    monkeypatch.setattr(derive_module, "_heal_step", original)
+    monkeypatch.setattr(heal_module, "_heal_step", original)
     folder = derive_model(llama, settings=settings, data=data, max_batch_tokens=96)
 
     record = read_derivation(folder)

@@ -17,7 +17,7 @@ import torch
 
 from conftest import make_rows, model_tol
 from speccore import SelectConfig
-from speccore.run.provider import ENGINES, ModelSlot
+from speccore.run.slot import ENGINES, ModelSlot
 from speccore.scoring import ray_engine, score_samples
 from speccore.selection.base import StageTimer
 from speccore.utils.cache import ScoreCache

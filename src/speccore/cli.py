@@ -148,7 +148,7 @@ def run_bench_command(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
 def add_derive_parser(sub: Any) -> None:
     """``speccore derive``: a small model of the target's family, by dropping its layers."""
-    from .proxies.derive import HEAL_MODES, LAYER_SELECTIONS, DeriveSettings, parse_layers
+    from .proxies.derive_settings import HEAL_MODES, LAYER_SELECTIONS, DeriveSettings, parse_layers
 
     p = sub.add_parser(
         "derive",
@@ -242,7 +242,8 @@ def _tokenizer_data(args: argparse.Namespace, min_rows: int = 1) -> Any:
 
 def run_derive(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from .models import load_model
-    from .proxies.derive import DeriveSettings, derive_model, read_derivation
+    from .proxies.derive import derive_model, read_derivation
+    from .proxies.derive_settings import DeriveSettings
 
     settings = DeriveSettings(
         layers=args.layers,

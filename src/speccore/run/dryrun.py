@@ -34,7 +34,8 @@ if TYPE_CHECKING:
     import torch
 
     from ..selection import Selection
-    from .provider import ModelProvider, ModelSlot
+    from .provider import ModelProvider
+    from .slot import ModelSlot
 
 logger = logging.getLogger(__name__)
 

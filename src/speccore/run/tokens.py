@@ -51,7 +51,8 @@ if TYPE_CHECKING:
 
     from ..config import SelectConfig
     from ..selection import Selection
-    from .provider import ModelProvider, ModelSlot
+    from .provider import ModelProvider
+    from .slot import ModelSlot
 
 logger = logging.getLogger(__name__)
 
