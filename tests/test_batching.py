@@ -388,3 +388,16 @@ def test_scoring_and_fine_tuning_a_bf16_base_run_the_adapters_in_bf16() -> None:
     after = {n: p for n, p in model.named_parameters() if "lora_" in n}
     assert {p.dtype for p in after.values()} == {torch.float32}
     assert not all(torch.equal(before[n], after[n]) for n in before)
+
+
+def test_max_batch_tokens_auto_is_the_cpu_default_off_a_gpu_and_a_setting_wins() -> None:
+    from speccore.train.batching import CPU_BATCH_TOKENS, memory_batch_tokens, resolve_batch_tokens
+
+    model = torch.nn.Linear(4, 4)  # on the CPU: no memory reading
+    assert resolve_batch_tokens(0, model) == CPU_BATCH_TOKENS
+    assert resolve_batch_tokens(256, model) == 256
+    # On a GPU the cap follows free memory, as a power of two: more memory, no smaller a cap.
+    config = type("C", (), {"hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 4,
+                            "vocab_size": 1000})()  # fmt: skip
+    small, large = memory_batch_tokens(config, 2**30), memory_batch_tokens(config, 2**34)
+    assert small & (small - 1) == 0 and large >= small

@@ -65,7 +65,7 @@ def request(slot: ModelSlot, score: str, indices: np.ndarray | None = None) -> A
 
 def local(slot: ModelSlot, score: str, indices: np.ndarray | None = None) -> np.ndarray:
     return score_samples(
-        slot.peft, slot.data, score, indices=indices, max_batch_tokens=slot.cfg.max_batch_tokens
+        slot.peft, slot.data, score, indices=indices, max_batch_tokens=slot.batch_tokens
     )
 
 
@@ -87,10 +87,8 @@ def test_all_samples_match_local_scoring_and_resume_only_missing_shards(
     assert_close(got, want, slot)
 
     idx = np.arange(N)
-    shards = ray_engine.plan_shards(slot.data, idx, slot.cfg.max_batch_tokens, 6)
-    folder = ray_engine.shard_folder(
-        request(slot, "effort"), idx, slot.cfg.max_batch_tokens, shards
-    )
+    shards = ray_engine.plan_shards(slot.data, idx, slot.batch_tokens, 6)
+    folder = ray_engine.shard_folder(request(slot, "effort"), idx, slot.batch_tokens, shards)
     files = sorted(folder.glob("shard-*.npz"))
     assert len(shards) >= 3 and len(files) == len(shards)
 

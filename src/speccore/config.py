@@ -207,10 +207,14 @@ class SelectConfig:
     )
     lora: LoraSettings = field(default_factory=LoraSettings)
     train: TrainSettings = field(default_factory=TrainSettings)
-    # 1024 keeps a 262k-vocabulary target (Gemma) under ~7 GB on a CPU box; raise it on a GPU.
+    # 0 (auto): sized from the free memory of a CUDA device (a power of two), else 1024, which
+    # keeps a 262k-vocabulary target (Gemma) under ~7 GB on a CPU box.
     max_batch_tokens: int = field(
-        default=1024,
-        metadata=_help("batch size in padded tokens (scoring and fine-tune micro-batches)"),
+        default=0,
+        metadata=_help(
+            "padded tokens per forward (scoring and fine-tune micro-batches); 0: auto, from "
+            "free GPU memory, 1024 on a CPU"
+        ),
     )
     dtype: Dtype = field(default="auto", metadata=_help("model dtype", bench="models.dtype"))
     device: str = field(
@@ -328,8 +332,10 @@ class SelectConfig:
                     f"{flag} must be > 0, got {epochs}; for scores of an untuned model use "
                     "--method perplexity --perplexity-model untuned or staff-target-only"
                 )
-        if self.max_batch_tokens < 1:
-            raise ConfigError(f"--max-batch-tokens must be >= 1, got {self.max_batch_tokens}")
+        if self.max_batch_tokens < 0:
+            raise ConfigError(
+                f"--max-batch-tokens must be >= 1, or 0 for auto, got {self.max_batch_tokens}"
+            )
         if self.checkpoint_seconds <= 0:
             raise ConfigError(f"--checkpoint-seconds must be > 0, got {self.checkpoint_seconds}")
         if self.device_map not in (None, "auto"):

@@ -142,10 +142,10 @@ def _estimate(provider: ModelProvider, work: Work, loads: dict[str, float]) -> S
         loads[work.role] = time.perf_counter() - t0
     data, cfg = slot.data, provider.config
     if work.kind == "train":
-        pieces = training_pieces(data, cfg, work.epochs)
+        pieces = training_pieces(data, cfg, work.epochs, slot.batch_tokens)
         rate = _seconds_per_token(slot, "train", _probes(data, pieces))
     else:
-        pieces = length_grouped_batches(data.lengths, cfg.max_batch_tokens)
+        pieces = length_grouped_batches(data.lengths, slot.batch_tokens)
         rate = _seconds_per_token(slot, work.kind, _probes(data, pieces))
     tokens, padded = token_counts(data, pieces)
     samples = sum(len(p) for p in pieces)
@@ -158,7 +158,9 @@ def _estimate(provider: ModelProvider, work: Work, loads: dict[str, float]) -> S
     return StageEstimate(work.stage, work.role, work.kind, samples, tokens, padded, padded * rate)
 
 
-def training_pieces(data: TokenizedData, cfg: SelectConfig, epochs: float) -> list[np.ndarray]:
+def training_pieces(
+    data: TokenizedData, cfg: SelectConfig, epochs: float, max_batch_tokens: int
+) -> list[np.ndarray]:
     """Every forward pass of the fine-tune (its batches split by ``max_batch_tokens``)."""
     from ..train import plan_steps
 
@@ -168,7 +170,7 @@ def training_pieces(data: TokenizedData, cfg: SelectConfig, epochs: float) -> li
         piece
         for step in plan_steps(lengths, settings)
         for batch in step
-        for piece in length_grouped_batches(lengths, cfg.max_batch_tokens, indices=batch)
+        for piece in length_grouped_batches(lengths, max_batch_tokens, indices=batch)
     ]
 
 

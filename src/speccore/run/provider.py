@@ -100,7 +100,7 @@ class ModelProvider:
                 self.target.data,
                 dtype=cfg.dtype,
                 device=cfg.device,
-                max_batch_tokens=cfg.max_batch_tokens,
+                max_batch_tokens=self.target.batch_tokens,
             )
         return str(folder)
 

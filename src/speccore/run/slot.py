@@ -83,6 +83,7 @@ class ModelSlot:
         self.adapter_path = adapter_path
         self.pool = pool if pool is not None else ModelPool()
         self._loaded: LoadedModel | None = None
+        self._batch_tokens: int | None = None
         self._data: TokenizedData | None = None
         self._peft: PeftModel | None = None
         self._fresh_state: dict[str, Any] | None = None
@@ -109,6 +110,16 @@ class ModelSlot:
         # Quantised weights and device maps serve the models that are only scored: the small
         # model (QLoRA-style tuning works on them too) and the target's verification.
         return {"load_in": self.cfg.load_in, "device_map": self.cfg.device_map}
+
+    @property
+    def batch_tokens(self) -> int:
+        """Padded tokens per forward (``--max-batch-tokens``; 0: from free GPU memory, sized once
+        per slot so that every pass of the run batches alike)."""
+        if self._batch_tokens is None:
+            from ..train.batching import resolve_batch_tokens
+
+            self._batch_tokens = resolve_batch_tokens(self.cfg.max_batch_tokens, self.loaded.model)
+        return self._batch_tokens
 
     @property
     def is_loaded(self) -> bool:
@@ -257,7 +268,7 @@ class ModelSlot:
                     model,
                     data,
                     settings,
-                    max_batch_tokens=self.cfg.max_batch_tokens,
+                    max_batch_tokens=self.batch_tokens,
                     desc=f"fine-tune {self.role}"
                     + ("" if rows is None else f" on {len(rows)} rows"),
                     on_step=self._snapshot_hook(folder, data, settings) if rows is None else None,
@@ -276,7 +287,7 @@ class ModelSlot:
 
         lengths = self.data.lengths
         idx = np.arange(len(lengths)) if indices is None else np.asarray(indices)
-        batches = length_grouped_batches(lengths, self.cfg.max_batch_tokens, indices=idx)
+        batches = length_grouped_batches(lengths, self.batch_tokens, indices=idx)
         self.timer.count(stage, *padded_tokens(lengths, batches))
 
     def adapter_fp(self) -> str:
@@ -311,7 +322,7 @@ class ModelSlot:
             scorer=score,
             key=key,
             work_dir=self.cache.work_dir(key),
-            max_batch_tokens=self.cfg.max_batch_tokens,
+            max_batch_tokens=self.batch_tokens,
             indices=indices,
             checkpoint=checkpoint,
             checkpoint_seconds=self.cfg.checkpoint_seconds,
@@ -380,7 +391,7 @@ class ModelSlot:
                 model,
                 self.data,
                 settings,
-                max_batch_tokens=self.cfg.max_batch_tokens,
+                max_batch_tokens=self.batch_tokens,
                 desc=f"fine-tune {self.role} (snapshots)",
                 on_step=self._snapshot_hook(folder, self.data, settings),
             )
@@ -471,7 +482,7 @@ class CachedScorer:
                 values = embed_samples(
                     slot.peft,
                     slot.data,
-                    max_batch_tokens=slot.cfg.max_batch_tokens,
+                    max_batch_tokens=slot.batch_tokens,
                     desc=f"{output} on {slot.role}",
                     output=output,
                 )

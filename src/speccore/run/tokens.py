@@ -211,7 +211,10 @@ def _base_losses(slot: ModelSlot, rows: np.ndarray, cfg: SelectConfig, desc: str
 def _losses(
     model: PeftModel, data: TokenizedData, rows: np.ndarray, cfg: SelectConfig, desc: str
 ) -> Ragged:
-    return token_losses_of(model, data, rows, max_batch_tokens=cfg.max_batch_tokens, desc=desc)
+    from ..train.batching import resolve_batch_tokens
+
+    tokens = resolve_batch_tokens(cfg.max_batch_tokens, model)
+    return token_losses_of(model, data, rows, max_batch_tokens=tokens, desc=desc)
 
 
 class _Aligner:

@@ -167,6 +167,20 @@ def memory_batch_tokens(config: Any, free_bytes: int, dtype_bytes: int = 2) -> i
     return int(min(MAX_MEMORY_TOKENS, max(MIN_MEMORY_TOKENS, tokens)))
 
 
+#: Padded tokens per forward on a CPU (or a device without a memory reading), measured: it
+#: keeps a 262k-vocabulary target (Gemma) under ~7 GB.
+CPU_BATCH_TOKENS = 1024
+
+
+def resolve_batch_tokens(setting: int, model: Any) -> int:
+    """``--max-batch-tokens``: the setting, or for 0 (auto) the memory-sized cap on a CUDA
+    device (:func:`device_batch_tokens`), else :data:`CPU_BATCH_TOKENS`. A micro-batch cap
+    changes only the rounding of a step's gradient, never which rows form a step."""
+    if setting > 0:
+        return int(setting)
+    return device_batch_tokens(model) or CPU_BATCH_TOKENS
+
+
 def device_batch_tokens(model: Any) -> int | None:
     """:func:`memory_batch_tokens` for ``model`` on its CUDA device, from the memory free now;
     None on other devices (a CPU forward is not capped by this)."""
