@@ -34,7 +34,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..utils.errors import DataError
-from ..utils.io import atomic_path
+from ..utils.io import atomic_path, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -423,15 +423,11 @@ def _load_hub(name: str, split: str, flag: str) -> datasets.Dataset:
     except Exception as e:  # any failure (network, auth, unknown name) means the same to the user
         raise DataError(
             f"{name}: no such file or folder here, and loading it as a hub dataset failed "
-            f"({_first_line(e)}); check the {flag} path"
+            f"({first_line(e)}); check the {flag} path"
         ) from None
     if not isinstance(loaded, datasets.Dataset):
         raise DataError(f"{name}: the hub returned {type(loaded).__name__}, expected one split")
     return loaded
-
-
-# One request to the hub, no retries: how long to wait for an answer before calling it offline.
-_HUB_TIMEOUT_S = 10.0
 
 
 def check_hub_dataset(name: str, flag: str = "--data") -> None:
@@ -439,15 +435,9 @@ def check_hub_dataset(name: str, flag: str = "--data") -> None:
     a dataset already cached passes; with ``HF_HUB_OFFLINE`` set any other fails at once;
     else one request without retries asks the hub whether it exists. As for hub models
     (:func:`speccore.models.load.check_model_name`), each failure is one :class:`DataError`."""
-    from huggingface_hub import HfApi, constants
-    from huggingface_hub.errors import (
-        GatedRepoError,
-        HfHubHTTPError,
-        HFValidationError,
-        RepositoryNotFoundError,
-    )
+    from huggingface_hub import constants
 
-    from ..utils.io import hub_offline
+    from ..utils.io import ask_hub, hub_offline
 
     not_here = f"{flag} {name}: no such file or folder here"
     if _hub_dataset_cached(name):
@@ -457,25 +447,22 @@ def check_hub_dataset(name: str, flag: str = "--data") -> None:
             f"{not_here}, and as a hub dataset it is not in the local cache while "
             "HF_HUB_OFFLINE is set: unset it to download the dataset, or pass a local file"
         )
-    try:
-        HfApi(endpoint=constants.ENDPOINT).dataset_info(name, timeout=_HUB_TIMEOUT_S)
-    except HFValidationError:
-        raise DataError(f"{not_here}, and it is not a hub dataset name; check the path") from None
-    except GatedRepoError:
-        return  # it exists; loading uses the user's token and says if access is missing
-    except RepositoryNotFoundError:
+    answer, detail = ask_hub("dataset", name)
+    if answer == "invalid":
+        raise DataError(f"{not_here}, and it is not a hub dataset name; check the path")
+    if answer == "missing":
         raise DataError(
             f"{not_here}, and no such dataset on the hub (or it is private: log in with "
             "`hf auth login`); check the path or the name"
-        ) from None
-    except HfHubHTTPError as e:  # the hub answered, with some other error: loading will tell
-        logger.warning("could not check dataset %r on the hub: %s", name, _first_line(e))
-    except Exception as e:  # no answer at all: connection refused, no DNS, a timeout
+        )
+    if answer == "unsure":
+        logger.warning("could not check dataset %r on the hub: %s", name, detail)
+    elif answer == "unreachable":
         raise DataError(
             f"{not_here}, and the Hugging Face hub at {constants.ENDPOINT} cannot be reached "
-            f"({_first_line(e)}); this machine looks offline: pass a local file, or set "
+            f"({detail}); this machine looks offline: pass a local file, or set "
             "HF_HUB_OFFLINE=1 to use datasets already in the local cache"
-        ) from None
+        )
 
 
 def _hub_dataset_cached(name: str) -> bool:
@@ -485,10 +472,6 @@ def _hub_dataset_cached(name: str) -> bool:
     hub = Path(constants.HF_HUB_CACHE) / f"datasets--{name.replace('/', '--')}"
     own = Path(datasets.config.HF_DATASETS_CACHE) / name.replace("/", "___")
     return hub.is_dir() or own.is_dir()
-
-
-def _first_line(error: BaseException) -> str:
-    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -476,10 +476,6 @@ def _check_hub_id(name: str) -> None:
             raise ModelError(f"{not_a_name}; did you mean {alias}?")
 
 
-# One request to the hub, no retries: how long to wait for an answer before calling it offline.
-_HUB_TIMEOUT_S = 10.0
-
-
 def _hub_offline() -> bool:
     """``HF_HUB_OFFLINE`` (or ``TRANSFORMERS_OFFLINE``), as set now or when the hub was imported."""
     from ..utils.io import hub_offline
@@ -489,8 +485,9 @@ def _hub_offline() -> bool:
 
 def _check_hub_model(repo_id: str) -> None:
     """A cached hub model passes; offline, an uncached one fails; online, one request asks."""
-    from huggingface_hub import HfApi, constants, try_to_load_from_cache
-    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    from ..utils.io import ask_hub
 
     if isinstance(try_to_load_from_cache(repo_id, "config.json"), str):
         return  # loads from the local cache without a network
@@ -500,27 +497,22 @@ def _check_hub_model(repo_id: str) -> None:
             f"model {repo_id!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE is "
             f"set: unset it to download the model, or {others}"
         )
-    try:
-        HfApi(endpoint=constants.ENDPOINT).model_info(repo_id, timeout=_HUB_TIMEOUT_S)
-    except GatedRepoError:
-        return  # it exists; loading uses the user's token and says if access is missing
-    except RepositoryNotFoundError:
+    answer, detail = ask_hub("model", repo_id)
+    if answer == "missing":
         raise ModelError(
             f"model {repo_id!r}: no such model on the hub (or it is private: log in with "
             f"`hf auth login`); check the name, or {others}"
-        ) from None
-    except HfHubHTTPError as e:  # the hub answered, with some other error: loading will tell
-        logger.warning("could not check model %r on the hub: %s", repo_id, _first_line(e))
-    except Exception as e:  # no answer at all: connection refused, no DNS, a timeout
+        )
+    if answer == "invalid":
+        raise ModelError(f"model {repo_id!r}: not a hub model name ({detail}); {others}")
+    if answer == "unsure":
+        logger.warning("could not check model %r on the hub: %s", repo_id, detail)
+    elif answer == "unreachable":
         raise ModelError(
             f"model {repo_id!r}: cannot reach the Hugging Face hub at {constants.ENDPOINT} "
-            f"({_first_line(e)}); this machine looks offline: {others}, or set HF_HUB_OFFLINE=1 "
+            f"({detail}); this machine looks offline: {others}, or set HF_HUB_OFFLINE=1 "
             "to use models already in the local cache"
-        ) from None
-
-
-def _first_line(error: BaseException) -> str:
-    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+        )
 
 
 def _looks_like_path(name: str) -> bool:

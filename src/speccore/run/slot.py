@@ -414,19 +414,30 @@ class CachedScorer:
         return ENGINES[self.slot.cfg.engine]
 
     def all(self, score: str, stage: str) -> np.ndarray:
+        """``score`` of every sample (cached; resumable through its checkpoint)."""
+        slot, key = self.slot, self.key(score)
+
+        def compute() -> np.ndarray:
+            request = slot.request(score, key, None, slot.cache.checkpoint_path(key))
+            return self._engine()(request)
+
+        return self._full(key, f"{score} scores on the {slot.role} model", stage, compute)
+
+    def _full(
+        self, key: str, what: str, stage: str, compute: Callable[[], np.ndarray]
+    ) -> np.ndarray:
+        """The value of every sample under ``key``: from the cache, or computed under the
+        entry's lock (read again first: another process may have computed it meanwhile)."""
         slot, cache = self.slot, self.slot.cache
-        key = self.key(score)
         cached = cache.get_full(key) if cache.enabled else None
         if cached is not None:
             return cached
-        with cache.lock(key, f"{score} scores on the {slot.role} model"):
-            # Another process may have computed them while this one waited.
+        with cache.lock(key, what):
             cached = cache.get_full(key) if cache.enabled else None
             if cached is not None:
                 return cached
             with slot.timer.stage(stage):
-                request = slot.request(score, key, None, cache.checkpoint_path(key))
-                values = self._engine()(request)
+                values = compute()
             slot.count_scored(stage, None)
             cache.put_full(key, values)
         return values
@@ -469,26 +480,18 @@ class CachedScorer:
         """A vector output (embeddings) of every sample, cached."""
         from ..scoring import embed_samples
 
-        slot, cache = self.slot, self.slot.cache
-        key = self.key(output)
-        cached = cache.get_full(key) if cache.enabled else None
-        if cached is not None:
-            return cached
-        with cache.lock(key, f"{output} on the {slot.role} model"):
-            cached = cache.get_full(key) if cache.enabled else None
-            if cached is not None:
-                return cached
-            with slot.timer.stage(stage):
-                values = embed_samples(
-                    slot.peft,
-                    slot.data,
-                    max_batch_tokens=slot.batch_tokens,
-                    desc=f"{output} on {slot.role}",
-                    output=output,
-                )
-            slot.count_scored(stage, None)
-            cache.put_full(key, values)
-        return values
+        slot = self.slot
+
+        def compute() -> np.ndarray:
+            return embed_samples(
+                slot.peft,
+                slot.data,
+                max_batch_tokens=slot.batch_tokens,
+                desc=f"{output} on {slot.role}",
+                output=output,
+            )
+
+        return self._full(self.key(output), f"{output} on the {slot.role} model", stage, compute)
 
 
 def snapshot_folder(adapter_folder: Path) -> Path:

@@ -25,6 +25,46 @@ def hub_offline() -> bool:
     return bool(constants.HF_HUB_OFFLINE) or from_env
 
 
+#: One request to the hub, no retries: how long to wait for an answer before calling it offline.
+HUB_TIMEOUT_S = 10.0
+
+
+def ask_hub(repo_type: str, name: str) -> tuple[str, str]:
+    """Whether ``name`` is a ``repo_type`` ("model" or "dataset") on the Hugging Face hub, by one
+    request without retries: ``("found" | "missing" | "invalid" | "unsure" | "unreachable",
+    detail)``. A gated repository is found (loading says if access is missing); "unsure": the
+    hub answered with another error, which loading will report; "unreachable": no answer at all
+    (connection refused, no DNS, a timeout)."""
+    from huggingface_hub import HfApi, constants
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        HFValidationError,
+        RepositoryNotFoundError,
+    )
+
+    api = HfApi(endpoint=constants.ENDPOINT)
+    info = api.model_info if repo_type == "model" else api.dataset_info
+    try:
+        info(name, timeout=HUB_TIMEOUT_S)
+    except HFValidationError as e:
+        return "invalid", first_line(e)
+    except GatedRepoError:
+        return "found", ""
+    except RepositoryNotFoundError:
+        return "missing", ""
+    except HfHubHTTPError as e:
+        return "unsure", first_line(e)
+    except Exception as e:
+        return "unreachable", first_line(e)
+    return "found", ""
+
+
+def first_line(error: BaseException) -> str:
+    """An exception's first line of text (its type name when it has none)."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
 def cache_root() -> Path:
     """The speccore cache folder: ``$SPECCORE_CACHE`` or the user's cache dir."""
     env = os.environ.get("SPECCORE_CACHE")
