@@ -16,17 +16,10 @@ import speccore
 import speccore.train.loop as train_lora
 from conftest import ModelWorkSpy, tiny_select_config
 from speccore.config import LoraSettings, TrainSettings
-from speccore.data.batches import IGNORE_INDEX, TokenizedData, collate
+from speccore.data.batches import IGNORE_INDEX, TokenizedData, collate, copy_mode, to_device
 from speccore.models import attach_lora, tiny_causal_lm
 from speccore.models.lora import seeded
-from speccore.models.speed import (
-    adamw,
-    adamw_kind,
-    adapter_autocast,
-    autocast_dtype,
-    copy_mode,
-    to_device,
-)
+from speccore.models.speed import adamw, adamw_kind, adapter_autocast, autocast_dtype
 from speccore.scoring import losses
 from speccore.selection.base import StageTimer
 from speccore.train import finetune, lr_factor, plan_steps, warmup_steps

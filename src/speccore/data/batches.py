@@ -173,6 +173,26 @@ class Batch:
         return len(self.rows)
 
 
+def copy_mode(device: torch.device) -> tuple[bool, bool]:
+    """(pin the host tensor, copy without blocking) for a copy to ``device``: both on CUDA only
+    (pinning costs a host copy that only pays off for an asynchronous transfer)."""
+    cuda = device.type == "cuda"
+    return cuda, cuda
+
+
+def to_device(tensors: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """``tensors`` on ``device``; on CUDA pinned and non-blocking, so the host collates the next
+    batch while the GPU works (the caching host allocator keeps a pinned block alive until its
+    copy is done); on the CPU, no copy."""
+    pin, non_blocking = copy_mode(device)
+    out = {}
+    for k, v in tensors.items():
+        if pin and v.device.type == "cpu":
+            v = v.pin_memory()
+        out[k] = v.to(device, non_blocking=non_blocking)
+    return out
+
+
 class BatchLoop:
     """Iterate over the batches of ``plan``: collated, on ``device``, with a progress bar.
 
@@ -212,7 +232,6 @@ class BatchLoop:
         self.bar = progress(total=total, initial=done, desc=desc, unit=unit, leave=leave)
 
     def __iter__(self) -> Iterator[Batch]:
-        from ..models.speed import to_device
 
         try:
             for number, rows in enumerate(self.plan):

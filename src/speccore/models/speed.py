@@ -1,7 +1,6 @@
-"""What makes the training and scoring loops run at the device's speed, and is harmless elsewhere.
+"""What makes the training and scoring loops run at the device's speed, and is harmless elsewhere
+(batches reach the device through :func:`speccore.data.batches.to_device`).
 
-* :func:`to_device`: a collated batch to the device; on CUDA through pinned memory without
-  blocking, so the host collates the next batch while the GPU works (on the CPU: no copy).
 * :func:`adamw`: the fused AdamW on CUDA (one kernel for all parameters), torch's default
   elsewhere (the CPU result stays what it was).
 * :func:`adapter_autocast`: a half-precision base with float32 LoRA weights (what peft makes)
@@ -25,28 +24,6 @@ import torch
 from torch import Tensor, nn
 
 logger = logging.getLogger(__name__)
-
-
-# --- copies ------------------------------------------------------------------------------------
-
-
-def copy_mode(device: torch.device) -> tuple[bool, bool]:
-    """(pin the host tensor, copy without blocking) for a copy to ``device``: both on CUDA only
-    (pinning costs a host copy that only pays off for an asynchronous transfer)."""
-    cuda = device.type == "cuda"
-    return cuda, cuda
-
-
-def to_device(tensors: dict[str, Tensor], device: torch.device) -> dict[str, Tensor]:
-    """``tensors`` on ``device``; on CUDA pinned and non-blocking (the caching host allocator
-    keeps a pinned block alive until its copy is done)."""
-    pin, non_blocking = copy_mode(device)
-    out = {}
-    for k, v in tensors.items():
-        if pin and v.device.type == "cpu":
-            v = v.pin_memory()
-        out[k] = v.to(device, non_blocking=non_blocking)
-    return out
 
 
 # --- optimizer ---------------------------------------------------------------------------------
