@@ -6,7 +6,7 @@ tokenizer when its package is installed (else the tiny offline one) and syntheti
 
 1. Effort throughput (bf16, 256-token rows, ~0.5B and ~1.5B parameters), tokens/s of
    (a) batched exact effort, (b) the per-sample loop, (c) a plain batched LoRA forward+backward,
-   (ft) speccore's LoRA fine-tune (``speccore.train.loop``) over the same rows at its default
+   (ft) speccore's LoRA fine-tune (``speccore.train.finetune``) over the same rows at its default
    token budget and (ft+) at the plain pass's batch size; each the median of 5 repeats taken in
    interleaved order (a, b, c, ft, ft+, a, b, ...), with MFU (6 N FLOPs per token); goals
    a >= 0.9 c and a >= 2 b.

@@ -3,7 +3,7 @@ issue 22) and token batching (after) side by side, on real UI and DialogSum rows
 
 For each task and batching: (bare) the fine-tune's own forward passes, collated beforehand, each
 a response-window loss and a backward, nothing else (no optimizer, no schedule, no loop); (ft)
-``speccore.train.loop`` over the same rows for one epoch. Printed per run: real tokens/s of
+``speccore.train.finetune`` over the same rows for one epoch. Printed per run: real tokens/s of
 both, ft/bare (goal on CPU: >= 0.85), the padding fraction (padded tokens that are padding) and
 the optimizer steps; ``--budgets`` adds token budgets to the comparison (0 is the default one).
 Runs are interleaved (bare rows, ft rows, bare tokens, ft tokens, ...), each on a fresh adapter.

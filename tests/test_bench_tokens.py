@@ -45,7 +45,7 @@ def target_tunes(monkeypatch: pytest.MonkeyPatch) -> dict[str, TokenizedData]:
     """The data of every target fine-tune of a bench cell, by cell name (other fine-tunes,
     e.g. the cross-fitted small adapters, pass through unrecorded)."""
     seen: dict[str, TokenizedData] = {}
-    real = speccore.train.loop
+    real = speccore.train.finetune
 
     def spy(model: Any, data: TokenizedData, *args: Any, **kwargs: Any) -> dict[str, float]:
         desc = str(kwargs.get("desc", ""))

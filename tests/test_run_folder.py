@@ -107,7 +107,7 @@ def fails_fast(cfg: speccore.SelectConfig, error: type[Exception], message: str)
     [
         ({"lora_r": 0}, "--lora-r"),
         ({"batch_size": 0}, "--batch-size"),
-        ({"max_batch_tokens": 0}, "--max-batch-tokens"),
+        ({"max_batch_tokens": -1}, "--max-batch-tokens"),
         ({"target": "/no/such/model"}, "does not exist"),
         ({"group_field": "topik"}, "--group-field 'topik'"),
     ],

@@ -142,7 +142,7 @@ def finetune_pieces(
     lengths = data.lengths
     return [
         piece
-        for step in plan_steps(len(data), settings)
+        for step in plan_steps(lengths, settings)
         for batch in step
         for piece in length_grouped_batches(lengths, max_batch_tokens, indices=batch)
     ]

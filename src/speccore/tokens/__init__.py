@@ -3,7 +3,7 @@
 :func:`speccore.run.tokens.select_tokens` scores the response tokens of the kept rows and returns 0/1 masks over the
 target's tokens; :func:`save_token_masks` / :func:`load_token_masks` store them as
 ``token_masks.npz``, :func:`attach_token_masks` puts them on :class:`~speccore.data.TokenizedData`
-for :func:`speccore.train.loop`, and :func:`export_labels` / :func:`save_token_labels` give a
+for :func:`speccore.train.finetune`, and :func:`export_labels` / :func:`save_token_labels` give a
 ``labels`` field with -100 on dropped tokens (``token_labels.jsonl``) for other trainers.
 """
 

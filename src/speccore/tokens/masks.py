@@ -94,7 +94,7 @@ def attach_token_masks(
     data: TokenizedData, indices: Sequence[int] | np.ndarray, masks: Sequence[Sequence[int]]
 ) -> TokenizedData:
     """The rows ``indices`` of ``data`` with their token masks, ready for
-    :func:`speccore.train.loop` (masked tokens get label -100 when batched)."""
+    :func:`speccore.train.finetune` (masked tokens get label -100 when batched)."""
     sub = data.subset(indices)
     sub.token_masks = _checked_masks(sub, masks, indices)
     return sub
