@@ -30,6 +30,7 @@ sys.path.insert(0, str(REPO / "src"))
 
 from speccore.bench import load_bench_config, run_bench  # noqa: E402
 from speccore.bench.bench_config import BenchConfig  # noqa: E402
+from speccore.utils.io import atomic_open  # noqa: E402
 
 RATE = 0.9
 
@@ -98,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     start = time.perf_counter()
     rows = []
+    out = Path(args.table or REPO / "speed-bench" / "results" / f"epoch_curve_{name}.md")
     for epochs in args.epochs:
         cfg = curve_config(base, epochs, root)
         run_bench(cfg, plots=False)
@@ -111,10 +113,10 @@ def main(argv: list[str] | None = None) -> int:
                 "random_s": rand["train_seconds"],
             }
         )
-    text = markdown(rows, name, time.perf_counter() - start)
-    print(text)
-    out = Path(args.table or REPO / "speed-bench" / "results" / f"epoch_curve_{name}.md")
-    out.write_text(text + "\n", encoding="utf-8")
+        # After every epoch count: a curve cut short still leaves its finished points.
+        with atomic_open(out) as f:
+            f.write(markdown(rows, name, time.perf_counter() - start) + "\n")
+    print(markdown(rows, name, time.perf_counter() - start))
     print(f"wrote {out}")
     return 0
 
