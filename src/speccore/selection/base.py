@@ -3,12 +3,13 @@
 A method is one module. It subclasses :class:`SelectionMethod` and registers (with
 :func:`register_method`) its name, a one-line description, its own settings dataclass (a
 :class:`MethodSettings`, whose field names are the flag names: ``d2_k`` ↔ ``--d2-k``), the models
-it needs and its dry-run plan (:meth:`SelectionMethod.plan`, a list of :class:`Work`). The
-configuration, the CLI flags, YAML files, the bench and the dry run all read the registry, so a
-new method touches nothing else.
+it needs and the model work it asks for (:meth:`SelectionMethod.requests`, a list of
+:class:`ModelWork`; its dry-run plan is derived from them). The module is named in the
+``speccore.methods`` entry points. The configuration, the CLI flags, YAML files, the bench and
+the dry run all read the registry, so a new method touches nothing else.
 
-A method receives a :class:`ScoreProvider` (the data's scores, computed lazily and cached by the
-pipeline: a test passes plain arrays instead), a budget ``m`` and a seed, and returns a
+A method receives a :class:`ScoreProvider`, which serves its :class:`ModelWork` through the
+cache (a test passes plain arrays instead), a budget ``m`` and a seed, and returns a
 :class:`Selection`. Methods never load models themselves: that keeps each one a short, testable
 transcription of its paper.
 """
