@@ -28,12 +28,13 @@ import torch
 from common import TASKS, load_task, table, write_result
 from speccore.config import LoraSettings, SelectConfig, TrainSettings
 from speccore.data import Formatting, tokenize_dataset
-from speccore.data.batches import TokenizedData, collate, length_grouped_batches
+from speccore.data.batches import TokenizedData, collate
 from speccore.models import attach_lora, detach_lora
 from speccore.models.speed import adapter_autocast
 from speccore.scoring.losses import response_loss
-from speccore.train import finetune, plan_steps
+from speccore.train import finetune
 from speccore.train.batching import padded_tokens
+from speccore.train.loop import forward_pieces
 
 
 def parse_args() -> argparse.Namespace:
@@ -72,17 +73,6 @@ def tokenized(task: str, rows: int, tokenizer: Any) -> TokenizedData:
     return tokenize_dataset(ds, tokenizer, Formatting.from_config(cfg), settings["max_length"])
 
 
-def pieces(data: TokenizedData, settings: TrainSettings, cap: int) -> list[Any]:
-    """The fine-tune's forward passes: its batches split by ``cap`` padded tokens."""
-    lengths = data.lengths
-    return [
-        piece
-        for step in plan_steps(lengths, settings)
-        for batch in step
-        for piece in length_grouped_batches(lengths, cap, indices=batch)
-    ]
-
-
 def bare(model: Any, data: TokenizedData, batches: list[Any]) -> float:
     """Seconds of a forward and a backward per piece, collated beforehand."""
     collated = [collate(data, b) for b in batches]
@@ -113,7 +103,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for label, settings in variants:
             model = attach_lora(base, LoraSettings(), seed=0)
             try:
-                batches = pieces(data, settings, args.max_batch_tokens)
+                batches = forward_pieces(data, settings, args.max_batch_tokens)
                 real, padded = padded_tokens(data.lengths, batches)
                 bare_s = bare(model, data, batches)
                 stats = finetune(model, data, settings, max_batch_tokens=args.max_batch_tokens)

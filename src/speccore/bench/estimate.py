@@ -28,10 +28,11 @@ from typing import Any
 
 import numpy as np
 
-from ..config import TrainSettings, coreset_size
+from ..config import coreset_size
 from ..data.batches import TokenizedData, length_grouped_batches
 from ..proxies.derive import is_derive_spec
 from ..run.dryrun import _probes, _seconds_per_token, duration, token_counts
+from ..train.loop import forward_pieces
 from .bench_config import BenchConfig
 from .run import FULL, ZERO_SHOT, BenchRunner, Cell, check_settings, load_cells, plan_cells
 
@@ -121,7 +122,7 @@ def measure_costs(runner: BenchRunner) -> Costs:
     train, evaluation = runner.train_tokens, runner.eval_tokens
     peft = attach_lora(runner.base, cfg.lora, seed=0)
     try:
-        train_pieces = finetune_pieces(train, cfg.finetune, cfg.max_batch_tokens)
+        train_pieces = forward_pieces(train, cfg.finetune, cfg.max_batch_tokens)
         rate_train = _seconds_per_token(_slot(train, peft), "train", _probes(train, train_pieces))
         nll_pieces = length_grouped_batches(evaluation.lengths, cfg.max_batch_tokens)
         rate_nll = _seconds_per_token(
@@ -131,21 +132,6 @@ def measure_costs(runner: BenchRunner) -> Costs:
     finally:
         runner._base = detach_lora(peft)
     return Costs(rate_train, rate_nll, prefill, step)
-
-
-def finetune_pieces(
-    data: TokenizedData, settings: TrainSettings, max_batch_tokens: int
-) -> list[np.ndarray]:
-    """Every forward pass of the bench's fine-tune on all of ``data``."""
-    from ..train import plan_steps
-
-    lengths = data.lengths
-    return [
-        piece
-        for step in plan_steps(lengths, settings)
-        for batch in step
-        for piece in length_grouped_batches(lengths, max_batch_tokens, indices=batch)
-    ]
 
 
 def _generation_costs(runner: BenchRunner, model: Any) -> tuple[float, float]:
@@ -194,7 +180,7 @@ def _cell_estimate(
         est.generate_s = batches * (costs.prefill + steps * costs.step)
     if cell.method != ZERO_SHOT:
         train = runner.train_tokens
-        _, padded = token_counts(train, finetune_pieces(train, cfg.finetune, cfg.max_batch_tokens))
+        _, padded = token_counts(train, forward_pieces(train, cfg.finetune, cfg.max_batch_tokens))
         n = len(train)
         share = 1.0 if cell.method == FULL else coreset_size(n, cell.prune_rate) / max(1, n)
         est.train_s = padded * share * costs.train

@@ -162,16 +162,9 @@ def training_pieces(
     data: TokenizedData, cfg: SelectConfig, epochs: float, max_batch_tokens: int
 ) -> list[np.ndarray]:
     """Every forward pass of the fine-tune (its batches split by ``max_batch_tokens``)."""
-    from ..train import plan_steps
+    from ..train.loop import forward_pieces
 
-    settings = cfg.train_settings(epochs)
-    lengths = data.lengths
-    return [
-        piece
-        for step in plan_steps(lengths, settings)
-        for batch in step
-        for piece in length_grouped_batches(lengths, max_batch_tokens, indices=batch)
-    ]
+    return forward_pieces(data, cfg.train_settings(epochs), max_batch_tokens)
 
 
 def token_counts(data: TokenizedData, batches: list[np.ndarray]) -> tuple[int, int]:

@@ -181,6 +181,20 @@ def plan_steps(lengths: np.ndarray | int, settings: TrainSettings) -> list[list[
     return plan_batches(lengths, settings)
 
 
+def forward_pieces(
+    data: TokenizedData, settings: TrainSettings, max_batch_tokens: int
+) -> list[np.ndarray]:
+    """Every forward pass of a fine-tune of ``data``: its planned batches, each split into
+    pieces of at most ``max_batch_tokens`` padded tokens (what the dry runs time and count)."""
+    lengths = data.lengths
+    return [
+        piece
+        for step in plan_steps(lengths, settings)
+        for batch in step
+        for piece in length_grouped_batches(lengths, max_batch_tokens, indices=batch)
+    ]
+
+
 def warmup_steps(total: int, warmup_ratio: float) -> int:
     """Warm-up length in optimizer steps: ``ceil(warmup_ratio · total)``."""
     return math.ceil(warmup_ratio * total)
