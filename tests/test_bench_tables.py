@@ -15,6 +15,7 @@ from speccore.bench.paired import PairedDiff, read_paired_csv
 from speccore.bench.plots import write_plots
 from speccore.bench.tables import (
     columns_for,
+    compute_line,
     delta_table,
     metric_table,
     overhead_table,
@@ -274,14 +275,35 @@ def test_overhead_table_shows_each_methods_costliest_selection(
     header = table.splitlines()[0]
     assert header == (
         "| method | small fine-tune | target verification | selection total | coreset fine-tune "
-        "| evaluation |"
+        "| reference NLL | generation |"
     )
     # staff's costliest cell (seed 0, p = 0.5) paid the small fine-tune; mean fine-tune 30 s.
-    assert line_of(table, "staff") == "| staff | 40.0 | 15.0 | 60.0 | 30.0 | 5.0 |"
-    assert line_of(table, "el2n") == "| el2n | — | — | 200.0 | 30.0 | 5.0 |"
+    # These rows predate nll_s: their reference NLL time is unknown (—), not 0.
+    assert line_of(table, "staff") == "| staff | 40.0 | 15.0 | 60.0 | 30.0 | — | 5.0 |"
+    assert line_of(table, "el2n") == "| el2n | — | — | 200.0 | 30.0 | — | 5.0 |"
     assert line_of(table, "zero-shot (no fine-tuning)") == (
-        "| zero-shot (no fine-tuning) | — | — | — | — | 5.0 |"
+        "| zero-shot (no fine-tuning) | — | — | — | — | — | 5.0 |"
     )
+
+
+def test_reference_nll_time_is_its_own_column_and_counted_in_the_compute(
+    rows: list[dict[str, object]], tmp_path: Path
+) -> None:
+    """A cell times its reference NLL apart from generation (``nll_seconds``): the overhead
+    table and the compute line must show it, and results.csv keep it after ``train_s``."""
+    timed = [{**r, "nll_s": 7.0} for r in rows]
+    table = overhead_table(timed)
+    assert line_of(table, "staff") == "| staff | 40.0 | 15.0 | 60.0 | 30.0 | 7.0 | 5.0 |"
+    # 383.4 + 560 + 15 × 7 + 15 × 5, summed by hand.
+    assert compute_line(timed) == (
+        "_Compute: 15 cells, selection 383 s + fine-tune 560 s + reference NLL 105 s + "
+        "generation 75 s = 1123 s (18.7 min); model loads and tokenisation not included._"
+    )
+    out = tmp_path / "timed.csv"
+    write_results_csv(out, timed)
+    header = out.read_text().splitlines()[0].split(",")
+    assert header[header.index("train_s") + 1] == "nll_s"
+    assert read_results_csv(out) == timed
 
 
 def test_full_markdown_has_both_metrics_agreement_and_overhead(
@@ -298,8 +320,8 @@ def test_full_markdown_has_both_metrics_agreement_and_overhead(
     assert "| staff | 0.5 | 0.700 | 0.600 | 2 |" in md
     # 383.4 s of selection + 560 s of fine-tuning + 15 × 5 s of evaluation, summed by hand.
     assert md.rstrip().endswith(
-        "_Compute: 15 cells, selection 383 s + fine-tune 560 s + evaluation 75 s = 1018 s "
-        "(17.0 min); model loads and tokenisation not included._"
+        "_Compute: 15 cells, selection 383 s + fine-tune 560 s + reference NLL 0 s + "
+        "generation 75 s = 1018 s (17.0 min); model loads and tokenisation not included._"
     )
 
 

@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -47,20 +46,19 @@ def no_model_work(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setattr(module, "load_model", refuse)
 
 
-def refused(args: list[str], root: Path, capsys: pytest.CaptureFixture[str]) -> tuple[str, float]:
+def refused(args: list[str], root: Path, capsys: pytest.CaptureFixture[str]) -> str:
     """Run the CLI; it must exit 2 with one ``speccore: error:`` line and leave ``root`` as it
-    was. Returns the line and the seconds it took."""
+    was. Returns the line. "Before any model work" is the ``no_model_work`` fixture's check,
+    not a clock's."""
     capsys.readouterr()
     before = tree(root)
-    start = time.perf_counter()
     code = main(args)
-    seconds = time.perf_counter() - start
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2, err[-5:]
     assert err and err[-1].startswith("speccore: error:"), err[-5:]
     assert "Traceback" not in "\n".join(err)
     assert tree(root) == before, "something was written"
-    return err[-1], seconds
+    return err[-1]
 
 
 def select_args(data: Path, dirs: dict[str, Path], *extra: str) -> list[str]:
@@ -146,9 +144,8 @@ def test_out_folder_cases_are_refused_before_any_work(
     work.mkdir()
     monkeypatch.chdir(work)
     extra = make_args(tmp_path)
-    line, seconds = refused(select_args(jsonl_data, model_dirs, *extra), tmp_path, capsys)
+    line = refused(select_args(jsonl_data, model_dirs, *extra), tmp_path, capsys)
     assert message in line, line
-    assert seconds < 5
 
 
 def test_overwrite_replaces_a_run_folder_and_marks_it(
@@ -227,11 +224,10 @@ def test_select_settings_and_data_cases(
     make_args, message = SELECT_CASES[case]
     extra = make_args(tmp_path)
     args = select_args(jsonl_data, model_dirs, "--out", str(tmp_path / "run"), *extra)
-    line, seconds = refused(args, tmp_path, capsys)
+    line = refused(args, tmp_path, capsys)
     assert message in line, line
     if case == "--config type error":
         assert "run.yaml" in line and "prune_rate" in line
-    assert seconds < 5
 
 
 # --- a hub dataset without a network --------------------------------------------------------
@@ -269,9 +265,8 @@ def test_a_hub_dataset_offline_fails_at_once_without_retries(
         message = "cannot be reached"
     args = select_args(jsonl_data, model_dirs, "--out", str(tmp_path / "run"))
     args[args.index("--data") + 1] = "someone/no-such-dataset-xyz"
-    line, seconds = refused(args, tmp_path, capsys)
+    line = refused(args, tmp_path, capsys)
     assert "--data someone/no-such-dataset-xyz" in line and message in line, line
-    assert seconds < 5
 
 
 # --- derive and agree -----------------------------------------------------------------------
@@ -343,9 +338,8 @@ def test_derive_and_agree_cases(
     work = tmp_path / "work"
     work.mkdir()
     monkeypatch.chdir(work)
-    line, seconds = refused(make_args(tmp_path, jsonl_data, model_dirs), tmp_path, capsys)
+    line = refused(make_args(tmp_path, jsonl_data, model_dirs), tmp_path, capsys)
     assert message in line, line
-    assert seconds < 5
 
 
 def test_an_interrupted_agree_says_that_a_rerun_starts_again(
@@ -439,9 +433,8 @@ def test_a_bench_that_fails_validation_writes_nothing(
 ) -> None:
     edit, message = BENCH_CASES[case]
     args = bench_case(tmp_path, model_dirs, edit)
-    line, seconds = refused(args, tmp_path, capsys)
+    line = refused(args, tmp_path, capsys)
     assert message in line, line
-    assert seconds < 5
 
 
 # --- repeated rows --------------------------------------------------------------------------

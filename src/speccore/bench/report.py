@@ -60,6 +60,9 @@ def cell_row(record: Mapping[str, Any]) -> dict[str, Any]:
         },
         "select_s": sel.get("seconds"),
         "train_s": record.get("train_seconds"),
+        # Generation and its metrics; the reference NLL is timed apart (a cell from before
+        # nll_seconds has no such key, and its row no nll_s).
+        **({"nll_s": record["nll_seconds"]} if "nll_seconds" in record else {}),
         "eval_s": record.get("eval_seconds"),
         "agreement": sel.get("agreement"),
         "rand_index": sel.get("rand_index"),

@@ -61,7 +61,9 @@ BASE_COLUMNS = [
     "select_s",
 ]
 TAIL_COLUMNS = ["train_s", "eval_s", "agreement", "rand_index"]
-COMPUTE_KEYS = ("select_s", "train_s", "eval_s")
+# eval_s: generation and its metrics; nll_s: the reference NLL (a results.csv from before
+# nll_s counted it in neither, and reads and writes back unchanged).
+COMPUTE_KEYS = ("select_s", "train_s", "nll_s", "eval_s")
 # Written when the rows have them (every bench row does; a results.csv from before token
 # selection does not, and reads and writes back unchanged).
 TOKEN_COLUMNS = {"token_keep": "prune_rate", "kept_token_fraction": "rand_index"}
@@ -97,6 +99,8 @@ def columns_for(rows: Sequence[dict[str, Any]]) -> list[str]:
     if any(r.get(c) is not None for r in rows for c in NLL_COLUMNS):
         at = columns.index("bleu4_hi") + 1
         columns[at:at] = NLL_COLUMNS
+    if any("nll_s" in r for r in rows):
+        columns.insert(columns.index("train_s") + 1, "nll_s")
     for column, after in TOKEN_COLUMNS.items():
         if any(column in r for r in rows):
             columns.insert(columns.index(after) + 1, column)
@@ -192,14 +196,15 @@ def render_tables(
 
 
 def compute_line(rows: Sequence[dict[str, Any]]) -> str:
-    """The bench's compute in one line: selection + fine-tune + evaluation seconds summed over
-    the cells (an interrupted and resumed bench adds up the same way)."""
+    """The bench's compute in one line: selection + fine-tune + reference NLL + generation
+    seconds summed over the cells (an interrupted and resumed bench adds up the same way)."""
     parts = {key: sum(float(r.get(key) or 0.0) for r in rows) for key in COMPUTE_KEYS}
     total = sum(parts.values())
     return (
         f"_Compute: {len(rows)} cells, selection {parts['select_s']:.0f} s + fine-tune "
-        f"{parts['train_s']:.0f} s + evaluation {parts['eval_s']:.0f} s = {total:.0f} s "
-        f"({total / 60:.1f} min); model loads and tokenisation not included._"
+        f"{parts['train_s']:.0f} s + reference NLL {parts['nll_s']:.0f} s + generation "
+        f"{parts['eval_s']:.0f} s = {total:.0f} s ({total / 60:.1f} min); model loads and "
+        "tokenisation not included._"
     )
 
 
@@ -711,7 +716,8 @@ def overhead_table(rows: Sequence[dict[str, Any]]) -> str:
         *[stage_label(c) for c in stages],
         "selection total",
         "coreset fine-tune",
-        "evaluation",
+        "reference NLL",
+        "generation",
     ]
     lines = [_md_row(header), _md_row(["---"] * len(header))]
     order = [m for m in REFERENCE_LABELS if any(r["method"] == m for r in rows)]
@@ -727,6 +733,7 @@ def overhead_table(rows: Sequence[dict[str, Any]]) -> str:
                     *stage_cells,
                     _num(cold.get("select_s"), 1) if selected else "—",
                     _num(_mean(r.get("train_s") for r in group), 1),
+                    _num(_mean(r.get("nll_s") for r in group), 1),
                     _num(_mean(r.get("eval_s") for r in group), 1),
                 ]
             )
@@ -736,8 +743,8 @@ def overhead_table(rows: Sequence[dict[str, Any]]) -> str:
         "filled the cache; later cells reuse its adapters and scores). With `share_cache: true` "
         "a stage shared by several methods (e.g. the tuned target of GraNd/EL2N/CCS/D2) shows "
         "only where it was first computed; `share_cache: false` gives each method its cold "
-        "cost. Coreset fine-tune (the target trained on the cell's coreset) and evaluation: "
-        "mean over the method's cells._"
+        "cost. Coreset fine-tune (the target trained on the cell's coreset), reference NLL and "
+        "generation (with its ROUGE/BLEU scoring): mean over the method's cells._"
     )
     return "\n".join(lines) + "\n\n" + note
 
