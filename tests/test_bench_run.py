@@ -66,6 +66,29 @@ def test_shipped_configs_load() -> None:
     assert len(plan_cells(full)) == 1 + 3 + 8 * 5 * 3
 
 
+@pytest.mark.parametrize("name", ["mini-uitrans-seeds", "mini-dialogsum-seeds"])
+def test_committed_results_come_from_the_committed_config(name: str) -> None:
+    """Issue 24: a committed bench's ``config.yaml`` (a copy of the shipped config) gives
+    exactly the settings and grid its cells recorded in ``bench_config.json``."""
+    folder = REPO / "quality-bench" / "results" / name
+    ran = load_bench_config(folder / "config.yaml")
+    shipped = load_bench_config(REPO / "quality-bench" / f"{name.removesuffix('-seeds')}.yaml")
+    recorded = json.loads((folder / "bench_config.json").read_text(encoding="utf-8"))
+    settings = json.loads(json.dumps(ran.settings_dict()))
+    assert settings == recorded["settings"]
+    assert json.loads(json.dumps(shipped.settings_dict())) == recorded["settings"]
+    assert (ran.methods, ran.prune_rates, ran.seeds, ran.full, ran.zero_shot) == (
+        recorded["methods"],
+        recorded["prune_rates"],
+        recorded["seeds"],
+        recorded["full"],
+        recorded["zero_shot"],
+    )
+    # Every planned cell is in results.csv: the tables are of this grid, whole.
+    rows = (folder / "results.csv").read_text(encoding="utf-8").splitlines()
+    assert len(rows) - 1 == len(plan_cells(ran))
+
+
 def test_epoch_curve_script_prints_a_markdown_table(
     bench_settings: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
